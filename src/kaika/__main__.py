@@ -1,0 +1,5 @@
+import sys
+
+from kaika.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""LoraArgs → a peft LoRA on the base model. Plain peft all the way, so the adapter is standard."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kaika.config import LoraArgs
+from kaika.errors import KaikaError
+from kaika.models import default_target_modules
+
+log = logging.getLogger(__name__)
+
+
+def resolve_targets(args: LoraArgs, model_type: str) -> list[str] | str:
+    names = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
+    if names in ([], ["auto"]):
+        return default_target_modules(model_type)
+    if names == ["all-linear"]:
+        return "all-linear"
+    if "auto" in names or "all-linear" in names:
+        raise KaikaError("--lora-target: auto and all-linear stand alone, not in a list of module names")
+    return names
+
+
+def peft_config(args: LoraArgs, model_type: str):
+    from peft import LoraConfig, TaskType
+
+    if args.r < 1:
+        raise KaikaError(f"--lora-r must be at least 1, got {args.r}")
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        bias=args.bias,
+        target_modules=resolve_targets(args, model_type),
+    )
+
+
+def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
+    """Wrap ``model`` in a trainable peft LoRA; report the trainable-parameter count."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    config = peft_config(args, model.config.model_type)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise KaikaError(
+            f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
+            f"{', '.join(linear) or 'none found'}"
+        ) from None
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info(
+        "LoRA on %s: %s trainable parameters of %s (%.3f%%)",
+        sorted(config.target_modules)
+        if not isinstance(config.target_modules, str)
+        else config.target_modules,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return peft_model

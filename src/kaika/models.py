@@ -1,0 +1,159 @@
+"""Load a base causal LM and its tokenizer: hub id, local dir, GGUF file or builtin name.
+
+Only ``Auto*`` classes: nothing here is specific to one architecture. Per-architecture facts
+(which modules LoRA adapts by default) live in tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kaika.builtin import BUILTIN_MODELS, builtin_model_path
+from kaika.config import ModelArgs
+from kaika.errors import KaikaError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+# LoRA targets where peft's own table (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) has
+# no entry or a choice we do not want; everything else defers to peft.
+EXTRA_TARGET_MODULES: dict[str, list[str]] = {
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` reads from: a hub id or directory, plus an optional GGUF file in it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(args: ModelArgs) -> ModelSource:
+    name = args.base_model
+    if name in BUILTIN_MODELS:
+        return ModelSource(str(builtin_model_path(name)))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KaikaError(f"GGUF file {path} does not exist")
+        return ModelSource(str(path.parent.resolve()), path.name)
+    if path.exists() and not path.is_dir():
+        raise KaikaError(f"base model {name}: a file, but not a .gguf file; give a model directory or hub id")
+    if path.is_dir() and not args.gguf_file and not (path / "config.json").is_file():
+        raise KaikaError(f"base model directory {path} has no config.json (is it a Hugging Face model dir?)")
+    return ModelSource(name, args.gguf_file)
+
+
+def resolve_dtype(name: str, quantization: str = "none") -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise KaikaError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _load_error(what: str, source: ModelSource, err: Exception) -> KaikaError:
+    hint = (
+        " It is not a local directory: check the hub id, your network, or set HF_HUB_OFFLINE=1 "
+        "with the model in the local cache."
+        if not Path(source.path).exists()
+        else ""
+    )
+    return KaikaError(
+        f"could not load the {what} from {source.path}"
+        f"{' (' + source.gguf_file + ')' if source.gguf_file else ''}: {err}.{hint}"
+    )
+
+
+def load_tokenizer(args: ModelArgs, source: ModelSource | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or resolve_source(args)
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.path, trust_remote_code=args.trust_remote_code, **source.kwargs()
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("tokenizer", source, e) from None
+
+
+def quantization_config(args: ModelArgs, dtype: torch.dtype):
+    if args.quantization not in QUANTIZATIONS:
+        raise KaikaError(f"unknown quantization {args.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if args.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise KaikaError(
+            f"--quantization {args.quantization} needs a CUDA GPU (bitsandbytes), and this machine has none: "
+            "run without it (the model loads in full precision on the CPU) or on a GPU machine"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if args.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: Any = None):
+    """The base model in the requested dtype (and quantization), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_source(args)
+    dtype = resolve_dtype(args.dtype)
+    quant = quantization_config(args, dtype)
+    if quant is not None and device_map is None:
+        # Each process loads the whole quantized model onto its own GPU (DDP); "auto" would
+        # spread it over devices and break DDP with shape mismatches.
+        device_map = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map=device_map,
+            trust_remote_code=args.trust_remote_code,
+            **source.kwargs(),
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("model", source, e) from None
+    model.eval()
+    return model
+
+
+def default_target_modules(model_type: str) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
+
+    targets = EXTRA_TARGET_MODULES.get(model_type) or PEFT_TABLE.get(model_type)
+    if not targets:
+        raise KaikaError(
+            f"no default LoRA target modules for model type {model_type!r}: "
+            "pass --lora-target all-linear or module names (e.g. --lora-target q_proj v_proj)"
+        )
+    return list(targets)
