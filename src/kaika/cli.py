@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from kaika import __version__
 from kaika.config import (
@@ -70,7 +68,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 def run_generate(ns: argparse.Namespace) -> None:
     from kaika.data import load_prompts
-    from kaika.generate import generate, generate_batch, load_for_inference
+    from kaika.generate import answer_file, generate, load_for_inference
 
     if bool(ns.instruction) == bool(ns.file):
         raise KaikaError("give either an INSTRUCTION or --file PROMPTS.jsonl")
@@ -82,35 +80,7 @@ def run_generate(ns: argparse.Namespace) -> None:
         if not (stream and args.num_beams == 1):
             print(result.text)
         return
-    write_answers(load_prompts(ns.file), loaded, args, generate_batch, ns.output)
-
-
-def write_answers(records, loaded, args: GenerateArgs, generate_batch: Callable, output: str | None) -> None:
-    from tqdm.auto import tqdm
-
-    out = Path(output).open("w", encoding="utf-8") if output else sys.stdout
-    try:
-        with tqdm(total=len(records), desc="generating", unit="prompt", disable=output is None) as bar:
-            for i in range(0, len(records), args.batch_size):
-                chunk = records[i : i + args.batch_size]
-                for rec, gen in zip(chunk, generate_batch(loaded, chunk, args), strict=True):
-                    out.write(
-                        json.dumps(
-                            {
-                                **rec,
-                                "response": gen.text,
-                                "new_tokens": gen.new_tokens,
-                                "stopped": gen.stopped,
-                            },
-                            ensure_ascii=False,
-                        )
-                        + "\n"
-                    )
-                out.flush()
-                bar.update(len(chunk))
-    finally:
-        if output:
-            out.close()
+    answer_file(loaded, load_prompts(ns.file), args, ns.output)
 
 
 # --------------------------------------------------------------------------- table

@@ -264,7 +264,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, section: str 
         elif typing.get_origin(tp) in (list, dict):
             kw["nargs"] = "+"
             kw["metavar"] = "KEY=VALUE" if typing.get_origin(tp) is dict else "VALUE"
-        parser.add_argument(*_flags(section, f.name), **kw)
+        group.add_argument(*_flags(section, f.name), **kw)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from kaika.config import GenerateArgs, ModelArgs, load_train_config
 from kaika.errors import KaikaError
-from kaika.models import load_model, load_tokenizer, resolve_source
+from kaika.models import ModelSource, load_model, load_tokenizer, resolve_source
 from kaika.prompts import TEMPLATE_FILE, PromptTemplate, load_template
 from kaika.tokenize import encode_prompt, resolve_pad_token
 from kaika.train import CONFIG_FILE
@@ -68,11 +68,8 @@ def load_for_inference(
     template = load_template(template_path if template_path.is_file() else "alpaca")
     source = resolve_source(model_args)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = (
-        load_tokenizer(ModelArgs(base_model=str(adapter_dir)))
-        if has_tokenizer
-        else load_tokenizer(model_args, source)
-    )
+    # The tokenizer saved with the adapter is the one training used (pad token included).
+    tokenizer = load_tokenizer(model_args, ModelSource(str(adapter_dir)) if has_tokenizer else source)
     resolve_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     model = load_model(model_args, source)
@@ -141,3 +138,27 @@ def generate(
     return generate_batch(
         loaded, [{"instruction": instruction, "input": input}], args or GenerateArgs(), streamer
     )[0]
+
+
+def answer_file(
+    loaded: Loaded, records: list[dict[str, str]], args: GenerateArgs, output: str | Path | None
+) -> None:
+    """Answer ``records`` in batches, writing one JSON line per record (to ``output`` or stdout) as it goes."""
+    import json
+    import sys
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    sink = Path(output).open("w", encoding="utf-8") if output else nullcontext(sys.stdout)  # noqa: SIM115
+    with (
+        sink as out,
+        tqdm(total=len(records), desc="generating", unit="prompt", disable=output is None) as bar,
+    ):
+        for i in range(0, len(records), args.batch_size):
+            chunk = records[i : i + args.batch_size]
+            for rec, gen in zip(chunk, generate_batch(loaded, chunk, args), strict=True):
+                row = {**rec, "response": gen.text, "new_tokens": gen.new_tokens, "stopped": gen.stopped}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(len(chunk))

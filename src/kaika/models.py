@@ -143,8 +143,22 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
         )
     except (OSError, ValueError) as e:
         raise _load_error("model", source, e) from None
+    _drop_gguf_quantizer(model)
     model.eval()
     return model
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A GGUF checkpoint loads as dense weights, yet transformers marks the model "quantized (gguf)",
+    which makes Trainer refuse to train it and save_pretrained refuse to write it. When nothing was
+    kept packed, the mark is false: remove it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if (
+        quantizer is not None
+        and quantizer.quantization_config.quant_method == "gguf"
+        and not getattr(quantizer, "packed_modules", None)
+    ):
+        quantizer.remove_quantization_config(model)
 
 
 def default_target_modules(model_type: str) -> list[str]:

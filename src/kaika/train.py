@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class TrainResult:
     train_seconds: float
     tokens_per_second: float
     data_report: DataReport
+    model: Any = field(default=None, repr=False)  # the trained PeftModel, in memory
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -252,6 +253,7 @@ def save_and_verify(
         seconds,
         tokens / seconds if seconds else 0.0,
         report,
+        model,
     )
     if not is_main_process():
         return result

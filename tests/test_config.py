@@ -1,0 +1,63 @@
+"""Typed config: YAML and command line map onto the same dataclasses; every shipped YAML loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kaika.cli import build_parser
+from kaika.config import TrainConfig, load_train_config, namespace_overrides, resolve_train_config, save_yaml
+from kaika.errors import KaikaError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+RECIPE_FLAGS = ["--base-model", "--data", "--output-dir", "--template", "--cutoff-len", "--batch-size",
+                "--micro-batch-size", "--epochs", "--max-steps", "--lr", "--val-set-size", "--lora-r",
+                "--lora-alpha", "--lora-dropout", "--lora-target", "--train-on-inputs", "--seed", "--resume",
+                "--overwrite"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_train_config(path)
+    assert cfg.data.data and cfg.train.batch_size % cfg.train.micro_batch_size == 0
+
+
+def test_shipped_configs_include_the_bloom_recipes():
+    assert {"quickstart.yaml", "bloom-560m-ja.yaml", "bloom-1b1-ja.yaml"} <= {p.name for p in CONFIGS}
+
+
+def test_recipe_flags_exist_and_override_yaml(tmp_path):
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in RECIPE_FLAGS:
+        assert flag in help_text
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("lora: {r: 4}\ntrain: {epochs: 2, lr: 0.001}\n", encoding="utf-8")
+    ns = build_parser().parse_args(["train", "-c", str(cfg_path), "--lora-r", "16", "--train.epochs", "5",
+                                    "--data", "a.jsonl", "b.jsonl", "--lora-target", "q_proj", "v_proj",
+                                    "--train-on-inputs", "--columns", "output=response"])
+    cfg = resolve_train_config(str(cfg_path), namespace_overrides(ns))
+    assert (cfg.lora.r, cfg.train.epochs, cfg.train.lr) == (16, 5.0, 0.001)
+    assert cfg.data.data == ["a.jsonl", "b.jsonl"] and cfg.lora.target == ["q_proj", "v_proj"]
+    assert cfg.data.train_on_inputs is True and cfg.data.columns == {"output": "response"}
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = TrainConfig()
+    cfg.lora.r, cfg.data.data = 32, ["x.jsonl"]
+    save_yaml(cfg, tmp_path / "c.yaml")
+    assert load_train_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("train: {epoch: 3}\n", "unknown key(s) epoch"),
+    ("lora: {r: eight}\n", "lora.r: expected int"),
+    ("train: {resume: maybe}\n", "expected true or false"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("model: [\n", "invalid YAML"),
+])
+def test_bad_config_is_a_message(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(KaikaError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_train_config(path)
