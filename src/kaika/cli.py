@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool) -> None:
+    import warnings
+
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    # Raised inside peft/transformers on every LoRA model; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.getLogger("kaika").setLevel(logging.WARNING if quiet else logging.INFO)
     from transformers.utils import logging as hf_logging
 
