@@ -11,10 +11,27 @@ from kaika.config import TrainConfig, load_train_config, namespace_overrides, re
 from kaika.errors import KaikaError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-RECIPE_FLAGS = ["--base-model", "--data", "--output-dir", "--template", "--cutoff-len", "--batch-size",
-                "--micro-batch-size", "--epochs", "--max-steps", "--lr", "--val-set-size", "--lora-r",
-                "--lora-alpha", "--lora-dropout", "--lora-target", "--train-on-inputs", "--seed", "--resume",
-                "--overwrite"]
+RECIPE_FLAGS = [
+    "--base-model",
+    "--data",
+    "--output-dir",
+    "--template",
+    "--cutoff-len",
+    "--batch-size",
+    "--micro-batch-size",
+    "--epochs",
+    "--max-steps",
+    "--lr",
+    "--val-set-size",
+    "--lora-r",
+    "--lora-alpha",
+    "--lora-dropout",
+    "--lora-target",
+    "--train-on-inputs",
+    "--seed",
+    "--resume",
+    "--overwrite",
+]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -33,9 +50,26 @@ def test_recipe_flags_exist_and_override_yaml(tmp_path):
         assert flag in help_text
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("lora: {r: 4}\ntrain: {epochs: 2, lr: 0.001}\n", encoding="utf-8")
-    ns = build_parser().parse_args(["train", "-c", str(cfg_path), "--lora-r", "16", "--train.epochs", "5",
-                                    "--data", "a.jsonl", "b.jsonl", "--lora-target", "q_proj", "v_proj",
-                                    "--train-on-inputs", "--columns", "output=response"])
+    ns = build_parser().parse_args(
+        [
+            "train",
+            "-c",
+            str(cfg_path),
+            "--lora-r",
+            "16",
+            "--train.epochs",
+            "5",
+            "--data",
+            "a.jsonl",
+            "b.jsonl",
+            "--lora-target",
+            "q_proj",
+            "v_proj",
+            "--train-on-inputs",
+            "--columns",
+            "output=response",
+        ]
+    )
     cfg = resolve_train_config(str(cfg_path), namespace_overrides(ns))
     assert (cfg.lora.r, cfg.train.epochs, cfg.train.lr) == (16, 5.0, 0.001)
     assert cfg.data.data == ["a.jsonl", "b.jsonl"] and cfg.lora.target == ["q_proj", "v_proj"]
@@ -49,13 +83,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_train_config(tmp_path / "c.yaml") == cfg
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("train: {epoch: 3}\n", "unknown key(s) epoch"),
-    ("lora: {r: eight}\n", "lora.r: expected int"),
-    ("train: {resume: maybe}\n", "expected true or false"),
-    ("- a\n- b\n", "top level must be a mapping"),
-    ("model: [\n", "invalid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: {epoch: 3}\n", "unknown key(s) epoch"),
+        ("lora: {r: eight}\n", "lora.r: expected int"),
+        ("train: {resume: maybe}\n", "expected true or false"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("model: [\n", "invalid YAML"),
+    ],
+)
 def test_bad_config_is_a_message(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text, encoding="utf-8")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import SEED_TASKS, write_jsonl
 
+from helpers import SEED_TASKS, write_jsonl
 from kaika.cli import main
 from kaika.data import DataError, load_prompts, load_records, split_records
 from kaika.errors import KaikaError
@@ -50,7 +50,9 @@ def test_bad_records_name_line_and_field(tmp_path, record, field, message):
 def test_malformed_json_line_and_invalid_utf8(tmp_path):
     path = tmp_path / "d.jsonl"
     good = json.dumps(GOOD, ensure_ascii=False).encode()
-    path.write_bytes(good + b"\n" + b'{"instruction": "i", "output": \n' + good + b"\n" + b'{"instruction": "\xff\xfe"}\n')
+    path.write_bytes(
+        good + b"\n" + b'{"instruction": "i", "output": \n' + good + b"\n" + b'{"instruction": "\xff\xfe"}\n'
+    )
     problems, _ = problems_of(path)
     assert [p.where for p in problems] == ["line 2", "line 4"]
     assert "malformed JSON" in problems[0].message and "invalid UTF-8" in problems[1].message
@@ -58,7 +60,9 @@ def test_malformed_json_line_and_invalid_utf8(tmp_path):
 
 def test_json_array_reports_the_line_of_the_bad_record(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"}\n]\n', encoding="utf-8")
+    path.write_text(
+        '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"}\n]\n', encoding="utf-8"
+    )
     (problem,), _ = problems_of(path)
     assert problem.where == "line 3 (record 1)" and problem.field == "output"
     path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": }\n]', encoding="utf-8")
@@ -112,7 +116,9 @@ def test_prompts_need_no_output(tmp_path):
 def test_cli_bad_data_exits_nonzero_and_writes_nothing(tmp_path, capsys):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"instruction": "i", "output": ""}])
     out = tmp_path / "run"
-    code = main(["train", "--data", str(path), "--output-dir", str(out), "--base-model", str(tmp_path / "nowhere")])
+    code = main(
+        ["train", "--data", str(path), "--output-dir", str(out), "--base-model", str(tmp_path / "nowhere")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert f"{path}, line 2: field 'output': empty" in err

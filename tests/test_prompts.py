@@ -22,8 +22,16 @@ def test_builtin_templates():
 
 def test_user_template_file(tmp_path):
     path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"prompt_input": "Q: {instruction} / {input}\nA:", "prompt_no_input": "Q: {instruction}\nA:",
-                                "response_split": "A:"}), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "prompt_input": "Q: {instruction} / {input}\nA:",
+                "prompt_no_input": "Q: {instruction}\nA:",
+                "response_split": "A:",
+            }
+        ),
+        encoding="utf-8",
+    )
     tpl = load_template(str(path))
     assert tpl.format("x", "y") == "Q: x / y\nA:" and tpl.name == "mine"
     assert load_template(str(path)) == type(tpl)(**json.loads(tpl.to_json()))
@@ -33,7 +41,11 @@ def test_bad_templates(tmp_path):
     with pytest.raises(KaikaError, match="unknown template"):
         load_template("nope")
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"prompt_input": "{instruction}", "prompt_no_input": "{instruction}",
-                                "response_split": "A:"}), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {"prompt_input": "{instruction}", "prompt_no_input": "{instruction}", "response_split": "A:"}
+        ),
+        encoding="utf-8",
+    )
     with pytest.raises(KaikaError, match="lacks the placeholder {input}"):
         load_template(str(path))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import seed_records, write_jsonl
 
+from helpers import seed_records, write_jsonl
 from kaika.config import GenerateArgs, TrainConfig
 from kaika.generate import generate, load_for_inference
 from kaika.train import train

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import seed_records
 
+from helpers import seed_records
 from kaika.prompts import load_template
 from kaika.tokenize import IGNORE_INDEX, encode_example, encode_records, resolve_pad_token
 
@@ -27,7 +27,11 @@ def test_labels_mask_exactly_the_prompt_and_end_with_eos(add_bos):
     enc = encode_example(tok, "指示:", "答え", cutoff_len=64)
     n_prompt = len("指示:") + add_bos
     assert enc.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert enc.labels[n_prompt:] == enc.input_ids[n_prompt:] == [ord("答") + 10, ord("え") + 10, tok.eos_token_id]
+    assert (
+        enc.labels[n_prompt:]
+        == enc.input_ids[n_prompt:]
+        == [ord("答") + 10, ord("え") + 10, tok.eos_token_id]
+    )
     assert enc.input_ids[0] == (tok.bos_token_id if add_bos else ord("指") + 10)
     assert not enc.truncated
 
@@ -50,7 +54,10 @@ def test_prompt_that_leaves_no_room_is_dropped_and_counted():
     tok = FakeTokenizer()
     assert encode_example(tok, "p" * 16, "r", cutoff_len=16) is None
     assert encode_example(tok, "p" * 14, "r", cutoff_len=16) is not None  # 14 + 1 + EOS
-    records = [{"instruction": "x" * 300, "input": "", "output": "y"}, {"instruction": "a", "input": "", "output": "b"}]
+    records = [
+        {"instruction": "x" * 300, "input": "", "output": "y"},
+        {"instruction": "a", "input": "", "output": "b"},
+    ]
     feats, report = encode_records(records, load_template("alpaca"), tok, cutoff_len=400)
     assert (report.kept, report.dropped_prompt_too_long, len(feats)) == (1, 1, 1)
 
@@ -70,6 +77,7 @@ def test_real_tokenizer_japanese_boundary_is_exact(ja_tokenizer):
 
 def test_joint_tokenization_would_merge_across_the_boundary(ja_tokenizer):
     """The trap is real for this tokenizer: BPE merges straddle a cut inside Japanese text."""
+
     def ids(text):
         return ja_tokenizer.encode(text, add_special_tokens=False)
 
@@ -92,7 +100,8 @@ def test_pad_is_never_eos(ja_tokenizer):
 
 
 def test_pad_falls_back_when_tokenizer_pads_with_eos(ja_tokenizer):
-    tok = ja_tokenizer.__class__(tokenizer_object=ja_tokenizer.backend_tokenizer, eos_token="</s>",
-                                 pad_token="</s>")  # no unk either: like GPT-2 with pad = eos
+    tok = ja_tokenizer.__class__(
+        tokenizer_object=ja_tokenizer.backend_tokenizer, eos_token="</s>", pad_token="</s>"
+    )  # no unk either: like GPT-2 with pad = eos
     pad = resolve_pad_token(tok)
     assert pad != tok.eos_token_id and tok.pad_token_id == pad

@@ -6,15 +6,24 @@ import json
 
 import pytest
 import torch
-from helpers import build_model, seed_records, write_bloom_gguf, write_jsonl
 
+from helpers import build_model, seed_records, write_bloom_gguf, write_jsonl
 from kaika.config import GenerateArgs, TrainConfig
 from kaika.errors import KaikaError
 from kaika.generate import generate, load_for_inference
 from kaika.train import train
 
-RUN_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-             "kaika_config.yaml", "template.json", "trainer_log.jsonl", "loss_curve.png", "data_report.json"]
+RUN_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "kaika_config.yaml",
+    "template.json",
+    "trainer_log.jsonl",
+    "loss_curve.png",
+    "data_report.json",
+]
 
 
 def make_config(tmp_path, base_model: str, records, **train_kw) -> TrainConfig:
@@ -36,8 +45,10 @@ def supervised_loss(model, tokenizer, template, records) -> float:
     from kaika.tokenize import encode_records
 
     feats, _ = encode_records(records, template, tokenizer, cutoff_len=64)
-    losses = [model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
-              for f in feats]
+    losses = [
+        model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
+        for f in feats
+    ]
     return float(torch.stack(losses).mean())
 
 
@@ -61,8 +72,9 @@ def test_train_reload_generate(tmp_path, ja_tokenizer, arch):
 
     # Training did something measurable: loss on the training set fell by more than a third.
     loaded = load_for_inference(out)
-    base_loss = supervised_loss(AutoModelForCausalLM.from_pretrained(base_dir), ja_tokenizer, loaded.template,
-                                records)
+    base_loss = supervised_loss(
+        AutoModelForCausalLM.from_pretrained(base_dir), ja_tokenizer, loaded.template, records
+    )
     tuned_loss = supervised_loss(loaded.model, loaded.tokenizer, loaded.template, records)
     assert tuned_loss < 0.66 * base_loss, (base_loss, tuned_loss)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -72,7 +84,9 @@ def test_train_reload_generate(tmp_path, ja_tokenizer, arch):
     # Greedy generation reproduces a learned answer and stops at EOS well before max_new_tokens.
     args = GenerateArgs(max_new_tokens=48)
     gens = [generate(loaded, r["instruction"], r["input"], args) for r in records]
-    assert any(g.text == r["output"] and g.stopped and g.new_tokens < 48 for g, r in zip(gens, records, strict=True))
+    assert any(
+        g.text == r["output"] and g.stopped and g.new_tokens < 48 for g, r in zip(gens, records, strict=True)
+    )
     base = load_for_inference(out, base_only=True)
     assert generate(base, records[0]["instruction"], "", args).text != gens[0].text
 

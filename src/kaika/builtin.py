@@ -80,6 +80,7 @@ def build_tiny_bloom_ja(out: Path) -> None:
         hidden_size=128,
         n_layer=4,
         n_head=4,
+        initializer_range=0.1,  # wider than BLOOM's 0.02, so a random model's LoRA has signal to learn from
         unk_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

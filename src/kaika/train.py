@@ -192,7 +192,7 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if t.resume else None)
     trainer.kaika_train_seconds = time.perf_counter() - start
-    if val_set:
+    if val_set and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
         trainer.evaluate()
     return trainer
 
