@@ -144,3 +144,22 @@ def test_gguf_base_model(tmp_path, ja_tokenizer):
     assert loaded.model_args.base_model == str(gguf_path)
     ids = torch.tensor([ja_tokenizer.encode("吾輩は猫")])
     torch.testing.assert_close(loaded.model(ids).logits, result.model.eval()(ids).logits)
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path):
+    cfg = make_config(
+        tmp_path, "tiny-bloom-ja", seed_records(4, max_chars=100), max_steps=4, save_steps=2, logging_steps=1
+    )
+    first = train(cfg)
+    assert sorted(p.name for p in (first.output_dir / "checkpoints").iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    cfg.train.max_steps, cfg.train.resume = 6, True
+    resumed = train(cfg)
+    assert resumed.global_step == 6 and (resumed.output_dir / "checkpoints" / "checkpoint-6").is_dir()
+    steps = [
+        json.loads(line)["step"]
+        for line in (resumed.output_dir / "trainer_log.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(steps) and steps[-1] == 6

@@ -264,6 +264,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, section: str 
         elif typing.get_origin(tp) in (list, dict):
             kw["nargs"] = "+"
             kw["metavar"] = "KEY=VALUE" if typing.get_origin(tp) is dict else "VALUE"
+        else:
+            kw["metavar"] = f.name.upper()
         group.add_argument(*_flags(section, f.name), **kw)
 
 

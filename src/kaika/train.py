@@ -216,6 +216,7 @@ class JsonlLogCallback(TrainerCallback):
             ("eval_loss", "eval_loss"),
             ("learning_rate", "lr"),
             ("grad_norm", "grad_norm"),
+            ("train_loss", "train_loss"),
         ):
             if key in logs:
                 row[name] = float(logs[key])
