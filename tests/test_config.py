@@ -98,3 +98,32 @@ def test_bad_config_is_a_message(tmp_path, text, message):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(KaikaError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_train_config(path)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "targets"),
+    [
+        ("bloom", ["query_key_value"]),
+        ("gpt_neox", ["query_key_value"]),
+        ("falcon", ["query_key_value"]),
+        ("gpt2", ["c_attn"]),
+        ("llama", ["q_proj", "v_proj"]),
+        ("mistral", ["q_proj", "v_proj"]),
+        ("qwen2", ["q_proj", "v_proj"]),
+        ("gemma", ["q_proj", "v_proj"]),
+        ("opt", ["q_proj", "v_proj"]),
+    ],
+)
+def test_default_lora_targets(model_type, targets):
+    from kaika.config import LoraArgs
+    from kaika.lora import resolve_targets
+
+    assert resolve_targets(LoraArgs(), model_type) == targets
+    assert resolve_targets(LoraArgs(target=["all-linear"]), model_type) == "all-linear"
+    assert resolve_targets(LoraArgs(target=["q_proj,k_proj", "v_proj"]), model_type) == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+    ]
+    with pytest.raises(KaikaError, match="no default LoRA target"):
+        resolve_targets(LoraArgs(), "some_new_arch")

@@ -163,3 +163,18 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
         for line in (resumed.output_dir / "trainer_log.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
+    records = seed_records(4, max_chars=100)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    plain = train(make_config(tmp_path / "a", "tiny-bloom-ja", records, max_steps=2))
+    ckpt_cfg = make_config(tmp_path / "b", "tiny-bloom-ja", records, max_steps=2, gradient_checkpointing=True)
+    checkpointed = train(ckpt_cfg)
+    from safetensors.torch import load_file
+
+    a = load_file(plain.output_dir / "adapter_model.safetensors")
+    b = load_file(checkpointed.output_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

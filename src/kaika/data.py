@@ -95,7 +95,9 @@ def _iter_json(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tupl
         )
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):  # {"data": [...]} is common too
-        data = data["data"]
+        for i, rec in enumerate(data["data"]):
+            yield f"record {i}", rec
+        return
     if not isinstance(data, list):
         problems.append(
             Problem(str(path), "line 1", None, "expected a JSON array of records (or JSON Lines)")

@@ -119,7 +119,10 @@ def tokenize_data(cfg: TrainConfig, template: PromptTemplate, tokenizer, train_r
 
 
 def build_model(cfg: TrainConfig, source: ModelSource):
+    from transformers import set_seed
+
     model = load_model(cfg.model, source)
+    set_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same seed, same initial adapter
     return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
 
 
@@ -303,7 +306,10 @@ def verify_adapter(
     batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     trained.eval()
     expected = trained(**batch).logits.float()
-    reloaded = PeftModel.from_pretrained(load_model(cfg.model, source), out).to(device).eval()
+    base = load_model(cfg.model, source)
+    if cfg.model.quantization == "none":  # quantized models are placed by device_map and cannot be moved
+        base = base.to(device)
+    reloaded = PeftModel.from_pretrained(base, out).eval()
     got = reloaded(**batch).logits.float()
     mask = batch["attention_mask"].bool()
     diff = (got - expected)[mask].abs().max().item()
