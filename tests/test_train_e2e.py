@@ -178,3 +178,11 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_batch_size_fails_before_anything_is_read(tmp_path):
+    cfg = make_config(tmp_path, str(tmp_path / "no-such-model"), seed_records(2))
+    cfg.train.batch_size, cfg.train.micro_batch_size = 10, 4
+    with pytest.raises(KaikaError, match=r"batch_size 10 must be a multiple of micro_batch_size 4"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

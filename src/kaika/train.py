@@ -22,7 +22,14 @@ from kaika.config import TrainArgs, TrainConfig, save_yaml
 from kaika.data import load_records, split_records
 from kaika.errors import KaikaError
 from kaika.lora import apply_lora
-from kaika.models import ModelSource, load_model, load_tokenizer, resolve_source
+from kaika.models import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+    resolve_dtype,
+    resolve_source,
+)
 from kaika.prompts import TEMPLATE_FILE, PromptTemplate, load_template
 from kaika.tokenize import IGNORE_INDEX, DataReport, encode_records, resolve_pad_token
 
@@ -50,7 +57,7 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    out = check_output_dir(cfg.train)
+    out = check_config(cfg)
     template = load_template(cfg.data.template)
     train_records, val_records = load_data(cfg)  # all input checked before any model is loaded
     source = resolve_source(cfg.model)
@@ -72,6 +79,21 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_config(cfg: TrainConfig) -> Path:
+    """What can be known wrong without reading data or loading a model fails here, first."""
+    gradient_accumulation(cfg.train, world_size())
+    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    if cfg.data.cutoff_len < 2:
+        raise KaikaError(
+            f"cutoff_len must be at least 2 (one response token and EOS), got {cfg.data.cutoff_len}"
+        )
+    return check_output_dir(cfg.train)
 
 
 def check_output_dir(args: TrainArgs) -> Path:
@@ -140,14 +162,14 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     t = cfg.train
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accum = gradient_accumulation(t, world_size)
+    processes = world_size()
+    accum = gradient_accumulation(t, processes)
     log.info(
         "global batch %d = micro batch %d × accumulation %d × %d process(es)",
         t.batch_size,
         t.micro_batch_size,
         accum,
-        world_size,
+        processes,
     )
     if is_main_process() and t.overwrite and not t.resume and out.exists():
         shutil.rmtree(out)
@@ -178,7 +200,7 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
         report_to=[],
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        ddp_find_unused_parameters=False if world_size > 1 else None,
+        ddp_find_unused_parameters=False if processes > 1 else None,
     )
     tokenizer.padding_side = "right"
     trainer = Trainer(
