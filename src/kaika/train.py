@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 
 from kaika.config import TrainArgs, TrainConfig, save_yaml
 from kaika.data import load_records, split_records
@@ -198,6 +198,7 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
         report_to=[],
+        disable_tqdm=False,  # transformers ties the bar to its log level, which the CLI keeps quiet
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False if processes > 1 else None,
@@ -214,12 +215,30 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(out / LOG_FILE)],
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgressCallback())
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if t.resume else None)
     trainer.kaika_train_seconds = time.perf_counter() - start
     if val_set and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
         trainer.evaluate()
     return trainer
+
+
+class LossProgressCallback(ProgressCallback):
+    """Transformers' progress bar (steps, ETA) with the latest loss and lr on it, and one short line
+    per evaluation, instead of a dict printed at every log step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = self.training_bar
+        if not state.is_world_process_zero or bar is None or not logs:
+            return
+        if "loss" in logs:
+            bar.set_postfix(
+                loss=f"{float(logs['loss']):.4f}", lr=f"{float(logs.get('learning_rate', 0)):.2e}"
+            )
+        if "eval_loss" in logs:
+            bar.write(f"step {state.global_step}: eval loss {float(logs['eval_loss']):.4f}")
 
 
 class JsonlLogCallback(TrainerCallback):
