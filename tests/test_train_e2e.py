@@ -186,3 +186,22 @@ def test_bad_batch_size_fails_before_anything_is_read(tmp_path):
     with pytest.raises(KaikaError, match=r"batch_size 10 must be a multiple of micro_batch_size 4"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_works_from_anywhere_and_without_cuda(tmp_path, monkeypatch, ja_tokenizer):
+    build_model("bloom", ja_tokenizer, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(tmp_path, "base", seed_records(2, max_chars=80), max_steps=1)
+    cfg.train.output_dir = "run"
+    train(cfg)
+    saved = (tmp_path / "run" / "kaika_config.yaml").read_text()
+    assert f"base_model: {tmp_path / 'base'}" in saved
+    # As if trained on a GPU in 8-bit: on a machine without CUDA the base loads in full precision.
+    (tmp_path / "run" / "kaika_config.yaml").write_text(
+        saved.replace("quantization: none", "quantization: 8bit")
+    )
+    monkeypatch.chdir("/")
+    loaded = load_for_inference(tmp_path / "run")
+    expected = "none" if not torch.cuda.is_available() else "8bit"
+    assert loaded.model_args.quantization == expected
+    assert generate(loaded, "挨拶して", "", GenerateArgs(max_new_tokens=4)).new_tokens <= 4

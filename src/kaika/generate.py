@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +57,19 @@ def load_for_inference(
     if (adapter_dir / CONFIG_FILE).is_file():
         model_args = load_train_config(adapter_dir / CONFIG_FILE).model
     else:  # an adapter trained elsewhere: peft records its base
-        import json
-
         base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         model_args = ModelArgs(base_model=base)
     if base_model:
         model_args.base_model, model_args.gguf_file = base_model, None
     if dtype:
         model_args.dtype = dtype
+    if model_args.quantization != "none" and not torch.cuda.is_available():
+        log.warning(
+            "the adapter was trained on a %s base; without CUDA the base loads in full precision "
+            "(answers can differ slightly from the quantized model's)",
+            model_args.quantization,
+        )
+        model_args.quantization = "none"
     template_path = adapter_dir / TEMPLATE_FILE
     template = load_template(template_path if template_path.is_file() else "alpaca")
     source = resolve_source(model_args)
@@ -144,7 +150,6 @@ def answer_file(
     loaded: Loaded, records: list[dict[str, str]], args: GenerateArgs, output: str | Path | None
 ) -> None:
     """Answer ``records`` in batches, writing one JSON line per record (to ``output`` or stdout) as it goes."""
-    import json
     import sys
     from contextlib import nullcontext
 

@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -305,13 +305,21 @@ def save_and_verify(
     model.save_pretrained(out)
     tokenizer.padding_side = "left"  # what generation wants
     tokenizer.save_pretrained(out)
-    save_yaml(cfg, out / CONFIG_FILE)
+    save_yaml(with_absolute_base(cfg), out / CONFIG_FILE)
     (out / TEMPLATE_FILE).write_text(template.to_json(), encoding="utf-8")
     (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
     plot_loss_curve(history, out / CURVE_FILE)
     if cfg.train.verify:
         verify_adapter(out, model, cfg, source, train_set, tokenizer)
     return result
+
+
+def with_absolute_base(cfg: TrainConfig) -> TrainConfig:
+    """The config to save: a local base model path made absolute, so generate works from any directory."""
+    path = Path(cfg.model.base_model).expanduser()
+    if not path.exists():  # hub id or builtin name
+        return cfg
+    return replace(cfg, model=replace(cfg.model, base_model=str(path.resolve())))
 
 
 def check_lora_nonzero(adapter_dir: Path) -> None:
