@@ -85,6 +85,8 @@ def test_column_mapping(tmp_path):
     assert problem.field == "output" and "--columns" in text
     recs = load_records([str(path)], {"input": "context", "output": "response"})
     assert recs == [{"instruction": "i", "input": "c", "output": "r"}]
+    (problem,), _ = problems_of(path, columns={"input": "contxt", "output": "response"})
+    assert problem.field == "contxt (as input)" and "absent" in problem.message
     with pytest.raises(KaikaError, match="unknown target field"):
         load_records([str(path)], {"answer": "response"})
 

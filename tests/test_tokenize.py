@@ -105,3 +105,18 @@ def test_pad_falls_back_when_tokenizer_pads_with_eos(ja_tokenizer):
     )  # no unk either: like GPT-2 with pad = eos
     pad = resolve_pad_token(tok)
     assert pad != tok.eos_token_id and tok.pad_token_id == pad
+
+
+def test_eos_does_not_depend_on_add_eos_token(tmp_path, ja_tokenizer):
+    """Whether a tokenizer honours add_eos_token (BLOOM's ignored it; transformers 5's generic
+    backend appends it) must not matter: exactly one EOS, at the end, either way."""
+    from transformers import AutoTokenizer
+
+    ja_tokenizer.save_pretrained(tmp_path)
+    encodings = []
+    for flag in (True, False):
+        tok = AutoTokenizer.from_pretrained(tmp_path, add_eos_token=flag)
+        enc = encode_example(tok, "吾輩は", "猫である", cutoff_len=64)
+        assert enc.input_ids.count(tok.eos_token_id) == 1 and enc.input_ids[-1] == tok.eos_token_id
+        encodings.append(enc.input_ids)
+    assert encodings[0] == encodings[1]

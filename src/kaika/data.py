@@ -210,14 +210,24 @@ def load_records(sources: Iterable[str], columns: dict[str, str] | None = None) 
         raise KaikaError("no training data given: pass --data FILE (Alpaca JSON or JSONL)")
     problems: list[Problem] = []
     records: list[dict[str, str]] = []
+    optional_keys = {columns.get(f, f) for f in FIELDS if f not in REQUIRED}
     for source in sources:
         before = len(records) + len(problems)
+        seen_keys: set[str] = set()
         for where, rec in _iter_source(source, problems):
+            if isinstance(rec, dict):
+                seen_keys |= optional_keys & set(rec)
             norm = normalise_record(rec, columns, source, where, problems)
             if norm is not None:
                 records.append(norm)
         if len(records) + len(problems) == before:
             problems.append(Problem(source, "file", None, "contains no records"))
+        # An optional column the user mapped but no record has is a typo, not "no inputs".
+        for fld, key in columns.items():
+            if fld not in REQUIRED and key != fld and key not in seen_keys and len(records) > before:
+                problems.append(
+                    Problem(source, "every record", f"{key} (as {fld})", "the mapped column is absent")
+                )
     if problems:
         raise DataError(problems)
     return records
