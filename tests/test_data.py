@@ -115,13 +115,23 @@ def test_prompts_need_no_output(tmp_path):
     assert load_prompts(str(path)) == [{"instruction": "i", "input": ""}, {"instruction": "j", "input": "k"}]
 
 
-def test_cli_bad_data_exits_nonzero_and_writes_nothing(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"instruction": "i", "output": ""}])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"instruction": "i", "output": ""}\n', "line 2: field 'output': empty"),
+        (b'{"instruction": "i", "output": \n', "line 2: malformed JSON"),
+        (b'{"instruction": "\xff", "output": "o"}\n', "line 2: invalid UTF-8"),
+        (b'{"instruction": "i"}\n', "line 2: field 'output': missing"),
+    ],
+    ids=["empty-output", "malformed-json", "invalid-utf8", "missing-key"],
+)
+def test_cli_bad_data_exits_nonzero_and_writes_nothing(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(GOOD, ensure_ascii=False).encode() + b"\n" + content)
     out = tmp_path / "run"
     code = main(
         ["train", "--data", str(path), "--output-dir", str(out), "--base-model", str(tmp_path / "nowhere")]
     )
     assert code == 2
-    err = capsys.readouterr().err
-    assert f"{path}, line 2: field 'output': empty" in err
+    assert f"{path}, {expected}" in capsys.readouterr().err
     assert not out.exists()
