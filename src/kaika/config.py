@@ -207,10 +207,6 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     return cls(**kwargs)
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -227,7 +223,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    Path(path).write_text(
+        yaml.safe_dump(dataclasses.asdict(obj), allow_unicode=True, sort_keys=False), encoding="utf-8"
+    )
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
