@@ -88,6 +88,7 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ("train: {epoch: 3}\n", "unknown key(s) epoch"),
         ("lora: {r: eight}\n", "lora.r: expected int"),
+        ("lora: {r: true}\n", "lora.r: expected int"),
         ("train: {resume: maybe}\n", "expected true or false"),
         ("- a\n- b\n", "top level must be a mapping"),
         ("model: [\n", "invalid YAML"),

@@ -138,6 +138,9 @@ class TrainConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
 
 
+# The resolved config of a run, saved next to its adapter and read back by generate.
+CONFIG_FILE = "kaika_config.yaml"
+
 # Short-flag prefixes per section; sections not listed use the bare field name.
 FLAG_PREFIX = {"lora": "lora-"}
 
@@ -179,6 +182,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return False
         raise KaikaError(f"{where}: expected true or false, got {value!r}")
     if tp in (int, float, str):
+        if isinstance(value, bool) and tp is not str:  # YAML `r: true` is a mistake, not 1
+            raise KaikaError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError

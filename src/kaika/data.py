@@ -44,10 +44,6 @@ class DataError(KaikaError):
         )
 
 
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
-
-
 def _iter_jsonl(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         try:
@@ -103,15 +99,18 @@ def _iter_json(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tupl
             Problem(str(path), "line 1", None, "expected a JSON array of records (or JSON Lines)")
         )
         return
-    # Find where each top-level record starts so messages can name its line.
-    decoder, pos, starts = json.JSONDecoder(), text.index("[") + 1, []
-    for _ in data:
+    # Walk the records once more to name the line each starts on (counted incrementally: linear time).
+    decoder, pos, line = json.JSONDecoder(), text.index("[") + 1, 1
+    line += text.count("\n", 0, pos)
+    for i, rec in enumerate(data):
+        start = pos
         while text[pos] in " \t\r\n,":
             pos += 1
-        starts.append(_line_of(text, pos))
-        pos = decoder.raw_decode(text, pos)[1]
-    for i, (rec, line) in enumerate(zip(data, starts, strict=True)):
+        line += text.count("\n", start, pos)
         yield f"line {line} (record {i})", rec
+        end = decoder.raw_decode(text, pos)[1]
+        line += text.count("\n", pos, end)
+        pos = end
 
 
 def _iter_dataset(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:

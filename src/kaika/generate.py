@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
-from kaika.config import GenerateArgs, ModelArgs, load_train_config
+from kaika.config import CONFIG_FILE, GenerateArgs, ModelArgs, load_train_config
 from kaika.errors import KaikaError
 from kaika.models import ModelSource, load_model, load_tokenizer, resolve_source
 from kaika.prompts import TEMPLATE_FILE, PromptTemplate, load_template
 from kaika.tokenize import encode_prompt, resolve_pad_token
-from kaika.train import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +125,7 @@ def generate_batch(
     results = []
     for row in out[:, batch["input_ids"].shape[1] :].tolist():
         stopped = tok.eos_token_id in row
-        tokens = row[: row.index(tok.eos_token_id)] if stopped else row
-        tokens = [t for t in tokens if t != tok.pad_token_id]
+        tokens = row[: row.index(tok.eos_token_id)] if stopped else row  # pads only follow EOS
         results.append(Generation(tok.decode(tokens, skip_special_tokens=True).strip(), len(tokens), stopped))
     return results
 

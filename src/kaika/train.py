@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
-from kaika.config import TrainArgs, TrainConfig, save_yaml
+from kaika.config import CONFIG_FILE, TrainArgs, TrainConfig, save_yaml
 from kaika.data import load_records, split_records
 from kaika.errors import KaikaError
 from kaika.lora import apply_lora
@@ -35,7 +35,6 @@ from kaika.tokenize import IGNORE_INDEX, DataReport, encode_records, resolve_pad
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "kaika_config.yaml"
 REPORT_FILE = "data_report.json"
 LOG_FILE = "trainer_log.jsonl"
 CURVE_FILE = "loss_curve.png"
