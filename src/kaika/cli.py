@@ -33,9 +33,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(ns: argparse.Namespace) -> None:
-    from kaika.train import train
+    from kaika.train import is_main_process, train
 
     result = train(resolve_train_config(ns.config, namespace_overrides(ns)))
+    if not is_main_process():  # rank 0 saved the adapter and reports it
+        return
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     print(
         f"adapter saved to {result.output_dir} — {result.global_step} steps, train loss "
@@ -111,7 +113,11 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     # Raised inside peft/transformers on every LoRA model; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    logging.getLogger("kaika").setLevel(logging.WARNING if quiet else logging.INFO)
+    import os
+
+    # Under torchrun / accelerate launch only rank 0 speaks; the others report warnings and errors.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.getLogger("kaika").setLevel(logging.WARNING if quiet or not rank0 else logging.INFO)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keep the Trainer's progress bar, drop library chatter
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         ns.run(ns)
     except KaikaError as e:
         print(f"kaika {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 128 + signal number when a signal stopped training
     except KeyboardInterrupt:
         print(f"kaika {ns.command}: interrupted", file=sys.stderr)
         return 130

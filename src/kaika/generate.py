@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kaika.atomic import adapter_problem
 from kaika.config import CONFIG_FILE, GenerateArgs, ModelArgs, load_train_config
 from kaika.errors import KaikaError
 from kaika.models import ModelSource, load_model, load_tokenizer, resolve_source
@@ -35,14 +36,15 @@ class Generation:
 
 
 def check_adapter_dir(adapter_dir: Path) -> None:
+    """Refuse a missing, incomplete or corrupt adapter with the reason, before any model is loaded."""
     if not adapter_dir.is_dir():
         raise KaikaError(f"adapter directory {adapter_dir} does not exist")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter_dir / name).is_file():
-            raise KaikaError(
-                f"{adapter_dir} is not a complete adapter: {name} is missing "
-                "(was training interrupted before saving?)"
-            )
+    problem = adapter_problem(adapter_dir)
+    if problem:
+        raise KaikaError(
+            f"{adapter_dir} is not a complete adapter: {problem}. Was training interrupted before "
+            "saving? Its checkpoints/ can be resumed with kaika train --resume"
+        )
 
 
 def load_for_inference(

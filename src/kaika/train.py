@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
+from kaika.atomic import staged_output
 from kaika.config import CONFIG_FILE, TrainArgs, TrainConfig, save_yaml
 from kaika.data import load_records, split_records
 from kaika.errors import KaikaError
+from kaika.faults import check_writable, guarded_training
 from kaika.lora import apply_lora
 from kaika.models import (
     ModelSource,
@@ -117,6 +119,7 @@ def check_output_dir(args: TrainArgs) -> Path:
             f"output_dir {out} is not empty and does not look like a kaika run; "
             "refusing to overwrite it: choose another --output-dir"
         )
+    check_writable(out)
     return out
 
 
@@ -217,7 +220,8 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback())
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if t.resume else None)
+    with guarded_training(trainer, t.resume, out / LOG_FILE) as resume_from:  # signals, nan/inf, disk
+        trainer.train(resume_from_checkpoint=resume_from)
     trainer.kaika_train_seconds = time.perf_counter() - start
     if val_set and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
         trainer.evaluate()
@@ -301,15 +305,18 @@ def save_and_verify(
     )
     if not is_main_process():
         return result
-    model.save_pretrained(out)
-    tokenizer.padding_side = "left"  # what generation wants
-    tokenizer.save_pretrained(out)
-    save_yaml(with_absolute_base(cfg), out / CONFIG_FILE)
-    (out / TEMPLATE_FILE).write_text(template.to_json(), encoding="utf-8")
-    (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
-    plot_loss_curve(history, out / CURVE_FILE)
-    if cfg.train.verify:
-        verify_adapter(out, model, cfg, source, train_set, tokenizer)
+    # Written aside, verified there, then moved into `out` (weights last): a kill never leaves a
+    # half-written adapter where generate would load it.
+    with staged_output(out) as stage:
+        model.save_pretrained(stage)
+        tokenizer.padding_side = "left"  # what generation wants
+        tokenizer.save_pretrained(stage)
+        save_yaml(with_absolute_base(cfg), stage / CONFIG_FILE)
+        (stage / TEMPLATE_FILE).write_text(template.to_json(), encoding="utf-8")
+        (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        plot_loss_curve(history, stage / CURVE_FILE)
+        if cfg.train.verify:
+            verify_adapter(stage, model, cfg, source, train_set, tokenizer)
     return result
 
 

@@ -1,0 +1,115 @@
+"""Outputs a reader can trust: adapters are written aside, then moved into place; broken ones are named.
+
+A kill at any moment (SIGKILL, power loss of the process, a full disk) must never leave a
+half-written adapter where ``kaika generate`` (or plain ``PeftModel.from_pretrained``) would
+load it. ``staged_output`` writes every file into a staging directory inside the output
+directory, fsyncs it, then moves the files into place with ``os.replace`` (atomic within one
+file system). The adapter weights are the commit point: the old weights file is removed
+first and the new one is moved in last, so at every instant a reader sees either the old
+adapter, no weights at all (reported as incomplete), or the whole new adapter — never new
+files mixed with old weights, and never a truncated weights file.
+
+``adapter_problem`` is the reader's side: it names what is wrong with an adapter directory
+(missing or unreadable ``adapter_config.json``, missing, truncated or corrupt safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STAGE_PREFIX = ".kaika-saving-"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush file contents before the renames that publish them (rename order ≠ write order on disk)."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            _fsync(path)
+    _fsync(root)
+
+
+def remove_stale_stages(out: Path) -> None:
+    """Staging directories left by a save that was killed: never published, safe to delete."""
+    for stale in out.glob(STAGE_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, commit: str = ADAPTER_WEIGHTS) -> Iterator[Path]:
+    """Yield an empty directory to write into; on success publish its files into ``out``.
+
+    ``commit`` (the adapter weights) is removed from ``out`` before anything moves and is moved
+    in last. On an exception nothing in ``out`` changes and the staging directory is deleted.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
+    try:
+        yield stage
+        _fsync_tree(stage)
+        names = sorted(p.name for p in stage.iterdir())
+        (out / commit).unlink(missing_ok=True)
+        for name in sorted(names, key=lambda n: n == commit):  # the commit file last
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(stage / name, target)
+        _fsync(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None when it is."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is truncated ({size} bytes)"
+    try:
+        # safetensors checks that the header is valid JSON and that the tensors it declares
+        # cover the file exactly: a truncated or padded file fails here, before any tensor is read.
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+    except Exception as e:  # SafetensorError, OSError: the library's message says which
+        return f"{path.name} is corrupt or truncated ({size} bytes): {e}"
+    if not names:
+        return f"{path.name} holds no tensors"
+    return None
+
+
+def adapter_problem(adapter_dir: Path) -> str | None:
+    """What makes ``adapter_dir`` unusable as a PEFT adapter, or None when it looks complete."""
+    if not adapter_dir.is_dir():
+        return f"{adapter_dir} does not exist or is not a directory"
+    config = adapter_dir / ADAPTER_CONFIG
+    if not config.is_file():
+        return f"{ADAPTER_CONFIG} is missing"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{ADAPTER_CONFIG} is unreadable ({e})"
+    if not isinstance(data, dict) or "peft_type" not in data:
+        return f"{ADAPTER_CONFIG} is not a PEFT adapter config (no peft_type)"
+    return safetensors_problem(adapter_dir / ADAPTER_WEIGHTS)
