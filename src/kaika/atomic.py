@@ -16,19 +16,44 @@ files mixed with old weights, and never a truncated weights file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from kaika.errors import KaikaError
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STAGE_PREFIX = ".kaika-saving-"
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+DISK_MESSAGES = re.compile(
+    r"No space left|StorageFull|Disk quota|File too large|FileTooLarge|Read-only file system"
+    r"|os error (28|27|30|122)\b"
+)
+
+
+def write_failure(exc: BaseException | None) -> str | None:
+    """The reason when ``exc`` is a failed write (full disk, file too large, read-only), else None.
+
+    torch.save raises OSError; safetensors and tokenizers (Rust) raise their own types whose
+    message carries the OS error, so both are recognised.
+    """
+    if exc is None:
+        return None
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror)
+    text = str(exc)
+    if DISK_MESSAGES.search(text):
+        return f"{type(exc).__name__}: {text[:300]}"
+    return None
 
 
 def _fsync(path: Path) -> None:
@@ -64,7 +89,16 @@ def staged_output(out: Path, commit: str = ADAPTER_WEIGHTS) -> Iterator[Path]:
     remove_stale_stages(out)
     stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
     try:
-        yield stage
+        try:
+            yield stage
+        except Exception as e:
+            reason = write_failure(e)
+            if reason:
+                raise KaikaError(
+                    f"could not write the adapter to {out} ({reason}); nothing there was replaced. "
+                    "Free some space and run again with --resume (the last checkpoint is kept)"
+                ) from e
+            raise
         _fsync_tree(stage)
         names = sorted(p.name for p in stage.iterdir())
         (out / commit).unlink(missing_ok=True)

@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -45,14 +44,13 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from kaika.atomic import safetensors_problem
+from kaika.atomic import safetensors_problem, write_failure
 from kaika.errors import KaikaError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"  # written last by Trainer._save_checkpoint: the completion mark
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 FP16_OVERFLOW_PATIENCE = (
     8  # fp16 loss scaling skips overflowing steps by design; this many in a row is not recovering
 )
@@ -361,10 +359,11 @@ class guarded_training:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.watch.restore()
-        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        reason = write_failure(exc)
+        if reason:
             raise KaikaError(
-                f"training stopped: a write failed ({exc.strerror}: {exc.filename or self.ckpt_dir}). "
-                f"{self._last_good()} Free some space (or fix the directory) and run again with --resume"
+                f"training stopped: a write failed ({reason}). {self._last_good()} "
+                "Free some space (or fix the directory) and run again with --resume"
             ) from exc
         if exc is not None:
             return False

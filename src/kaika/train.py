@@ -102,6 +102,7 @@ def check_output_dir(args: TrainArgs) -> Path:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise KaikaError(f"output_dir {out} exists and is a file")
+    check_writable(out)
     contents = list(out.iterdir()) if out.is_dir() else []
     if args.resume:
         if not list((out / CHECKPOINTS).glob("checkpoint-*")):
@@ -119,7 +120,6 @@ def check_output_dir(args: TrainArgs) -> Path:
             f"output_dir {out} is not empty and does not look like a kaika run; "
             "refusing to overwrite it: choose another --output-dir"
         )
-    check_writable(out)
     return out
 
 
