@@ -208,3 +208,11 @@ def test_global_batch_must_divide_over_the_processes(tmp_path, monkeypatch):
         KaikaError, match=r"batch_size 8 must be a multiple of micro_batch_size 2 × 3 process\(es\) = 6"
     ):
         train(cfg)
+
+
+def test_quantized_models_load_whole_onto_each_ranks_own_gpu(monkeypatch):
+    from kaika.models import quantized_device_map
+
+    for rank in ("0", "1", "3"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert quantized_device_map() == {"": int(rank)}  # never "auto", never another rank's GPU

@@ -7,6 +7,7 @@ Only ``Auto*`` classes: nothing here is specific to one architecture. Per-archit
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,15 @@ def quantization_config(args: ModelArgs, dtype: torch.dtype):
     )
 
 
+def quantized_device_map() -> dict[str, int]:
+    """Each process loads the whole quantized model onto its own GPU (DDP); "auto" would spread
+    it over the GPUs and break DDP ("mat1 and mat2 shapes cannot be multiplied"). The model is
+    loaded before the Trainer binds the process to its GPU, so current_device() would still be 0
+    on every rank: LOCAL_RANK (set by torchrun / accelerate launch) names the right one."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    return {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}
+
+
 def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: Any = None):
     """The base model in the requested dtype (and quantization), in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -129,9 +139,7 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
     dtype = resolve_dtype(args.dtype)
     quant = quantization_config(args, dtype)
     if quant is not None and device_map is None:
-        # Each process loads the whole quantized model onto its own GPU (DDP); "auto" would
-        # spread it over devices and break DDP with shape mismatches.
-        device_map = {"": torch.cuda.current_device()}
+        device_map = quantized_device_map()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.path,
