@@ -42,9 +42,18 @@ def leading_special_ids(tokenizer: TokenizerLike) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
+def encode_text(tokenizer: TokenizerLike, text: str) -> list[int]:
+    """Text as text: a literal "</s>" or "<pad>" in the data stays characters. Hugging Face
+    tokenizers otherwise turn it into the EOS/pad id, and a response quoting "</s>" would teach
+    the model to stop mid-answer."""
+    if hasattr(tokenizer, "all_special_tokens"):  # a Hugging Face tokenizer (test fakes have no specials)
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def encode_prompt(tokenizer: TokenizerLike, prompt: str) -> list[int]:
     """Prompt ids exactly as in training; generation must use this too."""
-    return leading_special_ids(tokenizer) + tokenizer.encode(prompt, add_special_tokens=False)
+    return leading_special_ids(tokenizer) + encode_text(tokenizer, prompt)
 
 
 @dataclass
@@ -67,7 +76,7 @@ def encode_example(
     if eos is None:
         raise KaikaError("the tokenizer has no EOS token; the model could never learn to stop")
     prompt_ids = encode_prompt(tokenizer, prompt)
-    response_ids = tokenizer.encode(response, add_special_tokens=False)
+    response_ids = encode_text(tokenizer, response)
     full_length = len(prompt_ids) + len(response_ids) + 1
     room = cutoff_len - len(prompt_ids) - 1  # response tokens that fit with EOS
     if room < 1:
