@@ -93,15 +93,26 @@ def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", records())
     args = ["--data", str(data), "--max-steps", "6", "--save-steps", "100", "--lora-dropout", "0"]
-    launchers = {
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    launchers = {  # both run at once: each on its own free rendezvous port, not the default 29500
+        "torchrun": [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()),
+        ],
         "accelerate": [
             sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"),
-            "--num_processes", "2",
+            "--num_processes", "2", "--main_process_port", str(free_port()),
         ],
     }  # fmt: skip
     procs = {
