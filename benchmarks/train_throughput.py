@@ -131,6 +131,15 @@ def main(argv=None) -> None:
                 row["mfu"] = row["useful_flops_per_s"] / gemm
             runs.append(row)
             print(f"  {size:>5} {name:<20} {describe(row)}", flush=True)
+            # After each variant, so that a run cut short keeps the rows it has.
+            write_report(args, device, dtype, gemm, data, runs)
+    print()
+    print(table(runs, device))
+    print(f"\nwritten: {write_report(args, device, dtype, gemm, data, runs)}")
+
+
+def write_report(args, device: str, dtype: str, gemm: float, data: dict, runs: list[dict]) -> Path:
+    add_ratios(runs)
     report = {
         "machine": machine(device),
         "device": device,
@@ -141,13 +150,10 @@ def main(argv=None) -> None:
         "variants": {k: asdict(v) for k, v in VARIANTS.items() if k in args.variants},
         "runs": runs,
     }
-    add_ratios(runs)
-    print()
-    print(table(runs, device))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwritten: {out}")
+    return out
 
 
 def machine(device: str) -> str:
@@ -435,6 +441,7 @@ def child(spec: dict) -> None:
         "train_loss": result.training_loss,
         "steps": [{k: v for k, v in s.items() if k not in ("start", "cpu_start")} for s in steps],
     }
+    (work / f"result-{spec['size']}-{spec['variant']}.json").write_text(json.dumps(row))
     print("RESULT " + json.dumps(row), flush=True)
 
 
