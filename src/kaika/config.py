@@ -112,6 +112,15 @@ class TrainArgs:
     verify: bool = _f(
         True, "After saving, reload the adapter from disk and check it reproduces the trained model."
     )
+    fast_loss: bool = _f(
+        True,
+        "Compute output logits only where a label is, a chunk at a time (same loss and gradients, far "
+        "less memory and time with large vocabularies); off: the model's own full-logits loss.",
+    )
+    group_by_length: bool = _f(
+        True,
+        "Batch examples of similar length together (less padding, faster); off: uniformly shuffled batches.",
+    )
 
 
 @dataclass

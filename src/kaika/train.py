@@ -161,7 +161,9 @@ def gradient_accumulation(args: TrainArgs, world_size: int) -> int:
 
 
 def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from kaika.fastloss import FastLoss, KaikaTrainer
 
     t = cfg.train
     processes = world_size()
@@ -203,11 +205,13 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
         disable_tqdm=False,  # transformers ties the bar to its log level, which the CLI keeps quiet
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         ddp_find_unused_parameters=False if processes > 1 else None,
     )
     tokenizer.padding_side = "right"
-    trainer = Trainer(
+    trainer = KaikaTrainer(
         model=model,
+        fast_loss=FastLoss(t.fast_loss, t.fast_loss),
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
