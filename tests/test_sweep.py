@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,14 @@ def test_sweep_table_plot_failures_and_reuse(tmp_path, ja_tokenizer, capsys):
     assert adapter.stat().st_mtime_ns == mtime
     again = {r["name"]: r for r in csv.DictReader((out / "results.csv").open(encoding="utf-8"))}
     assert again["q,v-r4"]["eval_loss"] == rows["q,v-r4"]["eval_loss"]
+    # A run whose recorded config differs from the sweep's is trained again, not reused.
+    summary_path = out / "runs" / "q_v-r4" / "sweep_result.json"
+    summary = json.loads(summary_path.read_text())
+    summary["config"]["train"]["lr"] = 0.5
+    summary_path.write_text(json.dumps(summary))
+    assert main(["sweep", str(path), "--output-dir", str(out)]) == 0
+    assert adapter.stat().st_mtime_ns != mtime
+    assert json.loads(summary_path.read_text())["config"]["train"]["lr"] == 1e-2
 
 
 def test_sweep_file_errors(tmp_path):

@@ -13,8 +13,8 @@ A sweep file is YAML::
 Every variant runs at every grid point, in ``<output_dir>/runs/<name>`` (``output_dir`` is
 ``base.train.output_dir``). The results go to ``results.csv``, ``results.md`` and
 ``eval_loss_vs_params.png`` in ``output_dir``. A run that fails is recorded and the others go
-on; a run that finished before is reused unless ``rerun`` is set, so an interrupted sweep
-continues where it stopped.
+on; a run that finished before with the same config is reused unless ``rerun`` is set, so an
+interrupted sweep continues where it stopped.
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ def _train_one(run: SweepRun, out: Path) -> RunRecord:
     record.wall_seconds = round(time.perf_counter() - start, 2)
     gc.collect()
     if record.status == "ok":
-        (out / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+        summary = {"record": dataclasses.asdict(record), "config": dataclasses.asdict(run.config)}
+        (out / RESULT_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return record
 
 
@@ -192,8 +193,12 @@ def sweep(runs: list[SweepRun], output_dir: str | Path, rerun: bool = False) -> 
     for i, run in enumerate(runs, 1):
         out = output_dir / "runs" / run_dir_name(run.name)
         done = out / RESULT_FILE
-        if done.is_file() and not rerun:
-            record = RunRecord(**json.loads(done.read_text()))
+        run.config.train.output_dir = str(out)
+        run.config.train.overwrite, run.config.train.resume = True, False
+        finished = json.loads(done.read_text()) if done.is_file() and not rerun else None
+        # Reuse only a run trained with exactly this config (the sweep file may have changed since).
+        if finished and finished.get("config") == dataclasses.asdict(run.config):
+            record = RunRecord(**finished["record"])
             log.info(
                 "sweep [%d/%d] %s: finished before, reused (eval loss %.4f)",
                 i,
@@ -204,8 +209,6 @@ def sweep(runs: list[SweepRun], output_dir: str | Path, rerun: bool = False) -> 
             records.append(record)
             continue
         log.info("sweep [%d/%d] %s: training in %s", i, len(runs), run.name, out)
-        run.config.train.output_dir = str(out)
-        run.config.train.overwrite, run.config.train.resume = True, False
         if out.exists() and not any(out.iterdir()):
             out.rmdir()
         record = _train_one(run, out)
