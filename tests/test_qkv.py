@@ -173,6 +173,16 @@ def test_fused_default_is_one_shared_lora():
     assert model.peft_config["default"].rank_pattern == {}
 
 
+def test_slices_with_other_targets_keep_their_rank():
+    model = apply_lora(tiny("bloom"), LoraArgs(r=4, alpha=8, target=["all-linear"], qkv=["q,k,v"]))
+    assert model.peft_config["default"].rank_pattern == {"query_key_value": 12}
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if hasattr(m, "lora_B")}
+    assert set(layers) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    for name, layer in layers.items():
+        assert layer.r["default"] == (12 if name == "query_key_value" else 4)
+        assert layer.scaling["default"] == pytest.approx(8 / 4)
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_alpha_gives_each_slice_the_scaling_of_a_rank_r_lora(use_rslora):
     from peft import LoraConfig, get_peft_model
@@ -259,9 +269,10 @@ def test_train_save_reload_merge_and_resume(tmp_path, ja_tokenizer):
     result = train(cfg)  # save_and_verify runs inside
     out = result.output_dir
     check_blocks(out, r=8)
+    # Only query_key_value is adapted, so r and lora_alpha themselves carry rank 2r and alpha 2·alpha.
     adapter_config = json.loads((out / "adapter_config.json").read_text())
-    assert adapter_config["rank_pattern"] == {"query_key_value": 16}
-    assert adapter_config["alpha_pattern"] == {"query_key_value": 32}
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 32)
+    assert adapter_config["rank_pattern"] == adapter_config["alpha_pattern"] == {}
     assert "- q,v" in (out / "kaika_config.yaml").read_text()
 
     # Plain peft, no kaika code: reload, then merge.

@@ -9,7 +9,7 @@ import torch
 from kaika.config import LoraArgs
 from kaika.errors import KaikaError
 from kaika.models import default_target_modules
-from kaika.qkv import apply_slice_masks, parse_slices, peft_patterns
+from kaika.qkv import apply_slice_masks, lora_shape, parse_slices
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,15 @@ def peft_config(args: LoraArgs, model_type: str):
         raise KaikaError(f"--lora-r must be at least 1, got {args.r}")
     targets = resolve_targets(args, model_type)
     slices = parse_slices(args.qkv)
-    # q/k/v slices: rank r × slices on the fused module, see kaika.qkv
-    patterns = peft_patterns(slices, args.r, args.alpha, model_type, targets) if slices else {}
+    shape = {"r": args.r, "lora_alpha": args.alpha}
+    if slices:  # q/k/v slices: rank r × slices on the fused module, see kaika.qkv
+        shape = lora_shape(slices, args.r, args.alpha, model_type, targets)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=args.r,
-        lora_alpha=args.alpha,
         lora_dropout=args.dropout,
         bias=args.bias,
         target_modules=targets,
-        **patterns,
+        **shape,
     )
 
 

@@ -10,8 +10,8 @@ on the fused module and keeps its B block-structured::
 
 so ``B @ A`` is exactly the stack of the per-slice updates ``B_s @ A_s``. A gradient mask on B
 keeps the zeros exactly zero through training (zero gradient → zero Adam moments → zero update;
-decoupled weight decay scales zero to zero). The scaling is set with peft's ``alpha_pattern`` so
-that ``lora_alpha / rank`` equals the user's ``alpha / r`` per slice. The artifact is an ordinary
+decoupled weight decay scales zero to zero). lora_alpha is set so that peft's ``lora_alpha / rank``
+equals the user's ``alpha / r`` per slice. The artifact is an ordinary
 peft adapter: ``PeftModel.from_pretrained`` loads it and ``merge_and_unload`` merges it with no
 kaika code.
 """
@@ -95,11 +95,15 @@ def fused_alpha(alpha: float, n_slices: int, use_rslora: bool = False) -> float:
     return alpha * (math.sqrt(n_slices) if use_rslora else n_slices)
 
 
-def peft_patterns(
+def lora_shape(
     slices: tuple[str, ...], r: int, alpha: float, model_type: str, targets: list[str] | str
-) -> dict[str, dict[str, float]]:
-    """``rank_pattern`` and ``alpha_pattern`` for LoraConfig: rank r·n on the fused module only,
-    so other targets (all-linear) keep rank r."""
+) -> dict[str, object]:
+    """LoraConfig fields that give the fused module rank r·n and alpha so each slice scales by alpha / r.
+
+    When the fused module is the only target these are the plain ``r`` and ``lora_alpha`` (the most
+    portable adapter: no per-module fields a loader could ignore); with other targets too
+    (all-linear) they are peft's ``rank_pattern`` and ``alpha_pattern``, so the others keep rank r.
+    """
     layout = fused_layout(model_type)
     if targets != "all-linear" and layout.module not in targets:
         raise KaikaError(
@@ -107,7 +111,14 @@ def peft_patterns(
             f"targets {', '.join(targets)}: add it to --lora-target (or use auto / all-linear)"
         )
     n = len(slices)
-    return {"rank_pattern": {layout.module: r * n}, "alpha_pattern": {layout.module: fused_alpha(alpha, n)}}
+    if targets == [layout.module]:
+        return {"r": r * n, "lora_alpha": fused_alpha(alpha, n)}
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {layout.module: r * n},
+        "alpha_pattern": {layout.module: fused_alpha(alpha, n)},
+    }
 
 
 def block_mask(row_slices: torch.Tensor, slices: tuple[str, ...], r: int) -> torch.Tensor:
@@ -156,7 +167,7 @@ def apply_slice_masks(model, slices: tuple[str, ...], r: int) -> int:
             if weight.shape[1] != r * len(slices):
                 raise KaikaError(
                     f"{name}: LoRA rank {weight.shape[1]}, expected {r} × {len(slices)} slices "
-                    "(the rank_pattern for the fused module did not apply)"
+                    "(the LoRA config did not give the fused module its rank)"
                 )
             if weight.shape[0] % (3 * config.num_attention_heads):
                 raise KaikaError(
