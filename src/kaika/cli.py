@@ -85,11 +85,47 @@ def run_generate(ns: argparse.Namespace) -> None:
     answer_file(loaded, load_prompts(ns.file), args, ns.output)
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+def add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        help="Sweep YAML: base (a train config or a path to one), variants (name → overrides) and "
+        "grid (section.field → values), e.g. configs/sweeps/qkv-tiny-bloom-ja.yaml",
+    )
+    p.add_argument(
+        "--rerun", action="store_true", help="Train every run again, even those a previous sweep finished"
+    )
+    p.epilog = (
+        "Train options below override the sweep's base config; --output-dir is the sweep's directory "
+        "(runs go to OUTPUT_DIR/runs/NAME, results to OUTPUT_DIR/results.{md,csv} and a plot)."
+    )
+    add_config_args(p, TrainConfig)
+
+
+def run_sweep(ns: argparse.Namespace) -> None:
+    from kaika.sweep import load_sweep, sweep
+
+    runs = load_sweep(ns.config, namespace_overrides(ns))
+    output_dir = runs[0].config.train.output_dir
+    records = sweep(runs, output_dir, rerun=ns.rerun)
+    failed = [r.name for r in records if r.status != "ok"]
+    print(
+        f"sweep: {len(records) - len(failed)} of {len(records)} runs done; results in {output_dir}/results.md"
+    )
+    if len(failed) == len(records):
+        raise KaikaError(f"every run failed ({', '.join(failed)}); see {output_dir}/results.md")
+    if failed:
+        print(f"sweep: failed runs: {', '.join(failed)} (errors in results.md)", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- table
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("Train a LoRA adapter on instruction data.", add_train, run_train),
     "generate": ("Answer instructions with base model + adapter.", add_generate, run_generate),
+    "sweep": ("Train a grid of LoRA configs on the same data; table and plot.", add_sweep, run_sweep),
 }
 
 

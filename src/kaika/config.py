@@ -86,6 +86,11 @@ class LoraArgs:
         "Modules to adapt: auto (per-architecture table), all-linear, or module names (query_key_value, q_proj…).",
     )
     bias: str = _f("none", "Which biases to train: none, all or lora_only.")
+    qkv: list[str] = _f(
+        ["fused"],
+        "Fused q/k/v projections (BLOOM query_key_value, GPT-2 c_attn, GPT-NeoX): fused (one LoRA "
+        "shared by q, k and v) or the slices to adapt, each with its own rank-r LoRA, e.g. q,v.",
+    )
 
 
 @dataclass

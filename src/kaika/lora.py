@@ -9,6 +9,7 @@ import torch
 from kaika.config import LoraArgs
 from kaika.errors import KaikaError
 from kaika.models import default_target_modules
+from kaika.qkv import apply_slice_masks, lora_shape, parse_slices
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,17 @@ def peft_config(args: LoraArgs, model_type: str):
 
     if args.r < 1:
         raise KaikaError(f"--lora-r must be at least 1, got {args.r}")
+    targets = resolve_targets(args, model_type)
+    slices = parse_slices(args.qkv)
+    shape = {"r": args.r, "lora_alpha": args.alpha}
+    if slices:  # q/k/v slices: rank r × slices on the fused module, see kaika.qkv
+        shape = lora_shape(slices, args.r, args.alpha, model_type, targets)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=args.r,
-        lora_alpha=args.alpha,
         lora_dropout=args.dropout,
         bias=args.bias,
-        target_modules=resolve_targets(args, model_type),
+        target_modules=targets,
+        **shape,
     )
 
 
@@ -64,12 +69,16 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
             f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
             f"{', '.join(linear) or 'none found'}"
         ) from None
+    slices = parse_slices(args.qkv)
+    held = apply_slice_masks(peft_model, slices, args.r) if slices else 0
     trainable, total = peft_model.get_nb_trainable_parameters()
+    trainable -= held  # entries a slice mask holds at zero are stored but never trained
     log.info(
-        "LoRA on %s: %s trainable parameters of %s (%.3f%%)",
+        "LoRA on %s%s: %s trainable parameters of %s (%.3f%%)",
         sorted(config.target_modules)
         if not isinstance(config.target_modules, str)
         else config.target_modules,
+        f" (q/k/v slices {','.join(slices)}, rank {args.r} each)" if slices else "",
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,

@@ -33,6 +33,7 @@ from kaika.models import (
     resolve_source,
 )
 from kaika.prompts import TEMPLATE_FILE, PromptTemplate, load_template
+from kaika.qkv import check_block_structure
 from kaika.tokenize import IGNORE_INDEX, DataReport, encode_records, resolve_pad_token
 
 log = logging.getLogger(__name__)
@@ -309,6 +310,7 @@ def save_and_verify(
     )
     if not is_main_process():
         return result
+    check_block_structure(model)  # --lora-qkv: unchosen slices must still be exactly zero
     # Written aside, verified there, then moved into `out` (weights last): a kill never leaves a
     # half-written adapter where generate would load it.
     with staged_output(out) as stage:
