@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -44,8 +44,9 @@ def _tokenizer_corpus() -> Iterator[str]:
         yield from (tpl["prompt_input"], tpl["prompt_no_input"])
 
 
-def train_tokenizer(vocab_size: int = 8192):
-    """A BLOOM-style byte-level BPE tokenizer (unk/bos/eos/pad = 0/1/2/3) as a transformers tokenizer."""
+def train_tokenizer(vocab_size: int = 8192, corpus: Iterable[str] | None = None):
+    """A BLOOM-style byte-level BPE tokenizer (unk/bos/eos/pad = 0/1/2/3) as a transformers tokenizer,
+    trained on ``corpus`` (default: the shipped Japanese text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +59,7 @@ def train_tokenizer(vocab_size: int = 8192):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(_tokenizer_corpus() if corpus is None else corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
