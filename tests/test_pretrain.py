@@ -120,7 +120,14 @@ def test_packed_forward_equals_each_document_alone(tmp_path, ja_tokenizer, arch)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(build_model(arch, ja_tokenizer, tmp_path / arch)).eval()
-    docs = [ja_tokenizer.encode(t) for t in ("吾輩は猫である。名前はまだ無い。", "親譲りの無鉄砲で小供の時から損ばかりしている。", "こんな夢を見た。")]
+    docs = [
+        ja_tokenizer.encode(t)
+        for t in (
+            "吾輩は猫である。名前はまだ無い。",
+            "親譲りの無鉄砲で小供の時から損ばかりしている。",
+            "こんな夢を見た。",
+        )
+    ]
     enable_packed_attention(model)
     batch, alone = packed_vs_alone(model, docs)
     for got, want in alone:
@@ -207,7 +214,13 @@ def test_pretrain_from_scratch_saves_verifies_and_reloads(tmp_path):
     cfg = pretrain_config(tmp_path, save_dtype="float16")
     result = pretrain(cfg)
     out = result.output_dir
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "kaika_pretrain.yaml", "loss_curve.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "kaika_pretrain.yaml",
+        "loss_curve.png",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "pretrain_report.json").read_text())
     assert report["train"]["documents"] == 60 - 6
@@ -218,7 +231,7 @@ def test_pretrain_from_scratch_saves_verifies_and_reloads(tmp_path):
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 == {torch.float16}
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == 600 and tok.eos_token_id == 2
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -152,13 +152,17 @@ class PretrainArgs:
         0.0, "Held-out documents taken from data: a count (>= 1) or a fraction (< 1); 0 for none."
     )
     text_field: str = _f("text", "Field that holds the text in JSON/JSONL records and datasets.")
-    cutoff_len: int = _f(1024, "Tokens per packed row; documents are packed into full rows, EOS between them.")
+    cutoff_len: int = _f(
+        1024, "Tokens per packed row; documents are packed into full rows, EOS between them."
+    )
     packing: str = _f(
         "document",
         "document: attention stays inside each document (block-diagonal causal mask; on BLOOM, ALiBi "
         "restarts per document); stream: continuous-stream training, documents separated by EOS only.",
     )
-    full: bool = _f(False, "Train every weight and save a full model (safetensors) instead of a LoRA adapter.")
+    full: bool = _f(
+        False, "Train every weight and save a full model (safetensors) instead of a LoRA adapter."
+    )
     from_scratch: str | None = _f(
         None,
         "Build a new model from an architecture config instead of loading base_model: a JSON/YAML file "

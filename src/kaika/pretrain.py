@@ -26,6 +26,7 @@ from kaika.tokenize import IGNORE_INDEX, resolve_pad_token
 from kaika.train import (
     CHECKPOINTS,
     CURVE_FILE,
+    LOG_FILE,
     check_output_dir,
     fit,
     gradient_accumulation,
@@ -75,8 +76,15 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     model = build_model(cfg, tokenizer)
     if cfg.pretrain.packing == "document":
         enable_packed_attention(model)
-    trainer = fit(cfg, model, tokenizer, train_set, val_set, out, PackedCollator(cfg.pretrain.packing))
+    # Held-out text is scored once, at the end, token-weighted (the Trainer's eval averages batches).
+    trainer = fit(cfg, model, tokenizer, train_set, [], out, PackedCollator(cfg.pretrain.packing))
     heldout = evaluate_text(trainer.model, val_set, cfg) if val_set else None
+    if heldout:
+        row = {"step": trainer.state.global_step, "eval_loss": heldout["loss"]}
+        trainer.state.log_history.append(row)
+        if is_main_process():
+            with (out / LOG_FILE).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
     result = save_and_verify(cfg, trainer, tokenizer, train_set, train_report, heldout, out)
     log.info(
         "done: %s in %s (%d steps, %d tokens, %.0f s)%s",
