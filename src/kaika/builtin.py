@@ -1,4 +1,9 @@
-"""Builtin base models, built on this machine from shipped data: no hub, no network.
+"""Builtin base models, shipped in the package or built on this machine from shipped data: no hub,
+no network.
+
+``bloom-ja-tiny`` is a small BLOOM pretrained by ``kaika pretrain --from-scratch`` on
+public-domain Sōseki prose; its fp16 weights, tokenizer and provenance ship under
+``kaika/assets/bloom-ja-tiny``.
 
 ``tiny-bloom-ja`` is a 4-layer BLOOM with a byte-level BPE tokenizer trained with
 ``tokenizers`` on public-domain Sōseki prose and the shipped Japanese seed tasks. Its weights
@@ -104,9 +109,27 @@ BUILTIN_MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny-bloom-ja": (TINY_BLOOM_JA_VERSION, build_tiny_bloom_ja),
 }
 
+# Pretrained builtins whose weights ship inside the package (plain git, no LFS): name → folder
+# under kaika/assets. bloom-ja-tiny: see its README.md there for provenance and the recipe.
+SHIPPED_MODELS: dict[str, str] = {"bloom-ja-tiny": "bloom-ja-tiny"}
+
+
+def shipped_model_path(name: str) -> Path:
+    path = Path(str(resources.files("kaika.assets").joinpath(SHIPPED_MODELS[name])))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        from kaika.errors import KaikaError
+
+        raise KaikaError(
+            f"the builtin model {name} is missing from {path}: reinstall kaika "
+            "(a git checkout must include the files under src/kaika/assets)"
+        )
+    return path
+
 
 def builtin_model_path(name: str) -> Path:
-    """The local directory of builtin ``name``, building it on first use."""
+    """The local directory of builtin ``name``: shipped in the package, or built on first use."""
+    if name in SHIPPED_MODELS:
+        return shipped_model_path(name)
     version, build = BUILTIN_MODELS[name]
     target = cache_dir() / "models" / f"{name}-{version}"
     if (target / "config.json").is_file():
