@@ -34,7 +34,7 @@ class ModelArgs:
     base_model: str = _f(
         "tiny-bloom-ja",
         "Base model: a hub id (bigscience/bloom-1b1), a local directory, a .gguf file, "
-        "or a builtin name (tiny-bloom-ja).",
+        "or a builtin name (bloom-ja-tiny, tiny-bloom-ja).",
     )
     gguf_file: str | None = _f(
         None, "GGUF file name inside base_model when base_model is a directory or hub id."
