@@ -46,9 +46,9 @@ def main(run: str, commit: str, command: str, wall_minutes: str) -> None:
     card = f"""# bloom-ja-tiny (kaika builtin)
 
 A small BLOOM language model trained from scratch by `kaika pretrain` on public-domain Japanese
-prose (Natsume Sōseki), with its own byte-level BPE tokenizer. It writes fluent-looking,
-Sōseki-flavoured Japanese and knows next to nothing: it exists so that kaika's offline quickstart
-instruction-tunes a model that has seen Japanese, on a laptop CPU in minutes. Not for any real use.
+prose (Natsume Sōseki), with its own byte-level BPE tokenizer. It exists so that kaika's offline
+quickstart instruction-tunes a model that has seen Japanese, on a laptop CPU in minutes. Not for
+any real use.
 
 | | |
 |---|---|
