@@ -1,4 +1,9 @@
-"""Builtin base models, built on this machine from shipped data: no hub, no network.
+"""Builtin base models, shipped in the package or built on this machine from shipped data: no hub,
+no network.
+
+``bloom-ja-tiny`` is a small BLOOM pretrained by ``kaika pretrain --from-scratch`` on
+public-domain Sōseki prose; its fp16 weights, tokenizer and provenance ship under
+``kaika/assets/bloom-ja-tiny``.
 
 ``tiny-bloom-ja`` is a 4-layer BLOOM with a byte-level BPE tokenizer trained with
 ``tokenizers`` on public-domain Sōseki prose and the shipped Japanese seed tasks. Its weights
@@ -13,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -44,8 +49,9 @@ def _tokenizer_corpus() -> Iterator[str]:
         yield from (tpl["prompt_input"], tpl["prompt_no_input"])
 
 
-def train_tokenizer(vocab_size: int = 8192):
-    """A BLOOM-style byte-level BPE tokenizer (unk/bos/eos/pad = 0/1/2/3) as a transformers tokenizer."""
+def train_tokenizer(vocab_size: int = 8192, corpus: Iterable[str] | None = None):
+    """A BLOOM-style byte-level BPE tokenizer (unk/bos/eos/pad = 0/1/2/3) as a transformers tokenizer,
+    trained on ``corpus`` (default: the shipped Japanese text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +64,7 @@ def train_tokenizer(vocab_size: int = 8192):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(_tokenizer_corpus() if corpus is None else corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -103,9 +109,27 @@ BUILTIN_MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny-bloom-ja": (TINY_BLOOM_JA_VERSION, build_tiny_bloom_ja),
 }
 
+# Pretrained builtins whose weights ship inside the package (plain git, no LFS): name → folder
+# under kaika/assets. bloom-ja-tiny: see its README.md there for provenance and the recipe.
+SHIPPED_MODELS: dict[str, str] = {"bloom-ja-tiny": "bloom-ja-tiny"}
+
+
+def shipped_model_path(name: str) -> Path:
+    path = Path(str(resources.files("kaika.assets").joinpath(SHIPPED_MODELS[name])))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        from kaika.errors import KaikaError
+
+        raise KaikaError(
+            f"the builtin model {name} is missing from {path}: reinstall kaika "
+            "(a git checkout must include the files under src/kaika/assets)"
+        )
+    return path
+
 
 def builtin_model_path(name: str) -> Path:
-    """The local directory of builtin ``name``, building it on first use."""
+    """The local directory of builtin ``name``: shipped in the package, or built on first use."""
+    if name in SHIPPED_MODELS:
+        return shipped_model_path(name)
     version, build = BUILTIN_MODELS[name]
     target = cache_dir() / "models" / f"{name}-{version}"
     if (target / "config.json").is_file():

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from kaika import __version__
 from kaika.config import (
     GenerateArgs,
+    PretrainConfig,
     TrainConfig,
     add_config_args,
     add_dataclass_args,
@@ -118,6 +119,28 @@ def run_sweep(ns: argparse.Namespace) -> None:
         raise KaikaError(f"every run failed ({', '.join(failed)}); see {output_dir}/results.md")
     if failed:
         print(f"sweep: failed runs: {', '.join(failed)} (errors in results.md)", file=sys.stderr)
+# --------------------------------------------------------------------------- pretrain
+
+
+def add_pretrain(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c", "--config", help="YAML config (sections model, pretrain, lora, train); options override it"
+    )
+    add_config_args(p, PretrainConfig)
+
+
+def run_pretrain(ns: argparse.Namespace) -> None:
+    from kaika.config import deep_update, load_yaml
+    from kaika.pretrain import pretrain
+
+    data = deep_update(load_yaml(ns.config) if ns.config else {}, namespace_overrides(ns))
+    result = pretrain(from_dict(PretrainConfig, data, where=ns.config or "options"))
+    held = result.heldout
+    held_part = f", held-out loss {held['loss']:.4f} (perplexity {held['perplexity']:.2f})" if held else ""
+    print(
+        f"saved to {result.output_dir} — {result.global_step} steps, {result.tokens_seen} tokens, "
+        f"train loss {result.train_loss:.4f}{held_part}, {result.train_seconds:.0f} s"
+    )
 
 
 # --------------------------------------------------------------------------- table
@@ -126,6 +149,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("Train a LoRA adapter on instruction data.", add_train, run_train),
     "generate": ("Answer instructions with base model + adapter.", add_generate, run_generate),
     "sweep": ("Train a grid of LoRA configs on the same data; table and plot.", add_sweep, run_sweep),
+    "pretrain": (
+        "Continue pretraining (LoRA or --full) or train from scratch on raw text, packed.",
+        add_pretrain,
+        run_pretrain,
+    ),
 }
 
 

@@ -34,7 +34,7 @@ class ModelArgs:
     base_model: str = _f(
         "tiny-bloom-ja",
         "Base model: a hub id (bigscience/bloom-1b1), a local directory, a .gguf file, "
-        "or a builtin name (tiny-bloom-ja).",
+        "or a builtin name (bloom-ja-tiny, tiny-bloom-ja).",
     )
     gguf_file: str | None = _f(
         None, "GGUF file name inside base_model when base_model is a directory or hub id."
@@ -148,6 +148,57 @@ class TrainConfig:
 
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+
+@dataclass
+class PretrainArgs:
+    """Raw text, packing, and what ``kaika pretrain`` trains."""
+
+    data: list[str] = _f(
+        [],
+        "Training text: UTF-8 .txt files (one document each), directories of .txt/.jsonl files, "
+        "JSON/JSONL with a text field, local dataset dirs or hub dataset names.",
+    )
+    val_data: list[str] = _f([], "Held-out text (same forms as data); overrides val_set_size.")
+    val_set_size: float = _f(
+        0.0, "Held-out documents taken from data: a count (>= 1) or a fraction (< 1); 0 for none."
+    )
+    text_field: str = _f("text", "Field that holds the text in JSON/JSONL records and datasets.")
+    cutoff_len: int = _f(
+        1024, "Tokens per packed row; documents are packed into full rows, EOS between them."
+    )
+    packing: str = _f(
+        "document",
+        "document: attention stays inside each document (block-diagonal causal mask; on BLOOM, ALiBi "
+        "restarts per document); stream: continuous-stream training, documents separated by EOS only.",
+    )
+    full: bool = _f(
+        False, "Train every weight and save a full model (safetensors) instead of a LoRA adapter."
+    )
+    from_scratch: str | None = _f(
+        None,
+        "Build a new model from an architecture config instead of loading base_model: a JSON/YAML file "
+        "of config fields (model_type defaults to bloom) or a directory with config.json. Implies full.",
+    )
+    tokenizer: str | None = _f(
+        None,
+        "With from_scratch: the tokenizer to use (a directory or hub id); default: train a byte-level "
+        "BPE tokenizer on the training text.",
+    )
+    vocab_size: int = _f(8192, "Vocabulary size of a tokenizer trained for from_scratch.")
+    save_dtype: str = _f(
+        "auto", "dtype of the saved full model: auto (as trained), float16, bfloat16 or float32."
+    )
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``kaika pretrain`` needs; saved as ``kaika_pretrain.yaml`` in its output."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    pretrain: PretrainArgs = field(default_factory=PretrainArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
 

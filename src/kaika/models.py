@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kaika.builtin import BUILTIN_MODELS, builtin_model_path
+from kaika.builtin import BUILTIN_MODELS, SHIPPED_MODELS, builtin_model_path
 from kaika.config import ModelArgs
 from kaika.errors import KaikaError
 
@@ -51,7 +51,7 @@ class ModelSource:
 
 def resolve_source(args: ModelArgs) -> ModelSource:
     name = args.base_model
-    if name in BUILTIN_MODELS:
+    if name in BUILTIN_MODELS or name in SHIPPED_MODELS:
         return ModelSource(str(builtin_model_path(name)))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":

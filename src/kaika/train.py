@@ -161,7 +161,7 @@ def gradient_accumulation(args: TrainArgs, world_size: int) -> int:
     return args.batch_size // per_step
 
 
-def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
+def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path, data_collator=None):
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     from kaika.fastloss import FastLoss, KaikaTrainer
@@ -216,9 +216,8 @@ def fit(cfg: TrainConfig, model, tokenizer, train_set, val_set, out: Path):
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
-        data_collator=DataCollatorForSeq2Seq(
-            tokenizer, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX
-        ),
+        data_collator=data_collator
+        or DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX),
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(out / LOG_FILE)],
     )
