@@ -83,11 +83,25 @@ def run_generate(ns: argparse.Namespace) -> None:
     answer_file(loaded, load_prompts(ns.file), args, ns.output)
 
 
+# --------------------------------------------------------------------------- eval
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    from kaika.eval.cli import add_eval_commands
+
+    add_eval_commands(p)
+
+
+def run_eval(ns: argparse.Namespace) -> None:
+    ns.eval_run(ns)
+
+
 # --------------------------------------------------------------------------- table
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("Train a LoRA adapter on instruction data.", add_train, run_train),
     "generate": ("Answer instructions with base model + adapter.", add_generate, run_generate),
+    "eval": ("Evaluate: held-out loss, scored answers, LLM judge, run reports.", add_eval, run_eval),
 }
 
 
