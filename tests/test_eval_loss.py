@@ -43,7 +43,7 @@ def hand_loss(model_dir, tokenizer, records, cutoff_len: int) -> tuple[float, in
 
 
 def test_loss_equals_hand_computation(tmp_path, base_dir, ja_tokenizer):
-    records = seed_records(max_chars=80)[5:8]
+    records = seed_records(max_chars=80)[5:7]
     data = write_jsonl(tmp_path / "heldout.jsonl", records)
     got = eval_loss(base_dir, str(data), batch_size=2, cutoff_len=100)
     assert list(got) == ["model"]
@@ -61,6 +61,18 @@ def test_loss_does_not_depend_on_batch_size(tmp_path, base_dir):
     assert one.tokens == three.tokens == seven.tokens
     assert three.loss == pytest.approx(one.loss, rel=1e-6)
     assert seven.loss == pytest.approx(one.loss, rel=1e-6)
+
+
+def test_full_logits_path_gives_the_same_loss(tmp_path, base_dir, monkeypatch):
+    """Models without ``logits_to_keep`` get full logits, then the same positions are scored."""
+    import kaika.eval.loss as loss_mod
+
+    data = str(write_jsonl(tmp_path / "heldout.jsonl", seed_records(max_chars=200)[:4]))
+    kept = eval_loss(base_dir, data, batch_size=2)["model"]
+    monkeypatch.setattr(loss_mod, "_accepts_logits_to_keep", lambda model: False)
+    full = eval_loss(base_dir, data, batch_size=2)["model"]
+    assert full.tokens == kept.tokens
+    assert full.loss == pytest.approx(kept.loss, rel=1e-6)
 
 
 def test_bad_input_is_a_clear_error(tmp_path, base_dir):

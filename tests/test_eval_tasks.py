@@ -29,7 +29,11 @@ def test_elyza_csv_and_its_alpaca_jsonl_agree():
             "eval_aspect": row["eval_aspect"],
         }
         # The Alpaca copy has the same task and reference but no grading notes.
-        assert (alpaca["instruction"], alpaca["reference"], alpaca["eval_aspect"]) == (row["input"], row["output"], "")
+        assert (alpaca["instruction"], alpaca["reference"], alpaca["eval_aspect"]) == (
+            row["input"],
+            row["output"],
+            "",
+        )
     assert all(t["eval_aspect"].strip() for t in from_csv)
 
 

@@ -37,6 +37,7 @@ class Run:
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval_loss)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # task set → summary.json
     answers: dict[str, dict[str, list[dict]]] = field(default_factory=dict)  # task set → variant → rows
+    losses: dict[str, dict[str, dict]] = field(default_factory=dict)  # eval/<name>.json of eval loss
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -74,6 +75,14 @@ def load_run(path: str | Path, label: str) -> Run:
             for v in run.summaries[name]["models"]
             if (d / answers_file(v)).is_file()
         }
+    for f in sorted(path.glob("eval/*.json")):  # kaika eval loss --json files kept with the run
+        data = json.loads(f.read_text(encoding="utf-8"))
+        if (
+            isinstance(data, dict)
+            and data
+            and all(isinstance(v, dict) and "loss" in v for v in data.values())
+        ):
+            run.losses[f.stem] = data
     if not run.train and not run.summaries:
         raise KaikaError(
             f"{path} has neither {LOG_FILE} nor eval/*/{SUMMARY_JSON}: give kaika train output directories "
@@ -138,6 +147,20 @@ def runs_table(runs: list[Run]) -> Table:
             ]
         )
     return Table("Runs", ["run", "steps", "last train loss", "last eval loss", "evaluations"], rows)
+
+
+def loss_table(runs: list[Run]) -> Table | None:
+    rows = [
+        [r.label, name, variant, f"{v['loss']:.4f}", f"{v['perplexity']:.2f}", str(v["tokens"])]
+        for r in runs
+        for name, data in r.losses.items()
+        for variant, v in data.items()
+    ]
+    if not rows:
+        return None
+    return Table(
+        "Held-out loss (kaika eval loss)", ["run", "data", "model", "loss", "perplexity", "tokens"], rows
+    )
 
 
 def columns_for(runs: list[Run], task_set: str) -> list[tuple[str, dict[str, Any]]]:
@@ -323,7 +346,8 @@ def compare(paths: list[str | Path], output_dir: str | Path) -> tuple[Path, Path
     out.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, list[Table], list[tuple[str, bytes]]]] = []
     losses = plot_losses(runs)
-    sections.append(("Training", [runs_table(runs)], [("loss_curves.png", losses)] if losses else []))
+    training = [runs_table(runs)] + ([t] if (t := loss_table(runs)) else [])
+    sections.append(("Training", training, [("loss_curves.png", losses)] if losses else []))
     task_sets = list(dict.fromkeys(name for r in runs for name in r.summaries))
     for ts in task_sets:
         tables, plots = [metrics_table(runs, ts)], []
