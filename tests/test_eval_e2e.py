@@ -56,7 +56,7 @@ def elyza_tasks(n: int) -> list[dict[str, str]]:
 
 
 def test_loss_base_and_adapter(runs, capsys):
-    run, data, out = runs["run_a"], runs["data"], runs["tmp"] / "loss.json"
+    run, data, out = runs["run_a"], runs["data"], runs["run_a"] / "eval" / "loss_train.json"
     assert main(["eval", "loss", str(run), "--data", str(data), "--batch-size", "3", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     assert set(got) == {"base", "adapter"} and set(got["adapter"]) == {"loss", "perplexity", "tokens"}
@@ -141,6 +141,13 @@ def test_generate_scores_and_judges(runs, capsys):
     assert "Δ (adapter − base)" in md and "| judge score (1–5) ↑ | 4.00 | 4.00 | +0.00 |" in md
     assert (out / "judge_prompt.txt").is_file() and (out / "judgments_adapter.jsonl").is_file()
 
+    # A report on this run alone compares its tuned model with its base, task by task.
+    report = runs["tmp"] / "report_one"
+    assert main(["eval", "compare", str(runs["run_a"]), "--output-dir", str(report)]) == 0
+    one = (report / "report.md").read_text(encoding="utf-8")
+    assert "base (run_a)" in one and "Per-task Δ judge_score on elyza" in one and "run_a − base" in one
+    assert one.count("| +0.00 |") == N_TASKS - 1  # both judged 4 on tasks 1..3; task 0 unparseable
+
 
 class _Refs(HTMLParser):
     def __init__(self):
@@ -175,6 +182,12 @@ def test_compare_report_is_self_contained(runs, capsys):
             )
             == 0
         )
+    loss_json = runs["run_a"] / "eval" / "loss_train.json"
+    if not loss_json.is_file():  # test run alone
+        assert (
+            main(["eval", "loss", str(runs["run_a"]), "--data", str(runs["data"]), "--json", str(loss_json)])
+            == 0
+        )
     report = runs["tmp"] / "report"
     assert main(["eval", "compare", str(runs["run_a"]), str(runs["run_b"]), "--output-dir", str(report)]) == 0
     page = (report / "report.html").read_text(encoding="utf-8")
@@ -190,6 +203,8 @@ def test_compare_report_is_self_contained(runs, capsys):
         assert label in page
     md = (report / "report.md").read_text(encoding="utf-8")
     assert "run_a" in md and "run_b" in md and "run_b − run_a" in md
+    loss = json.loads(loss_json.read_text())
+    assert f"| run_a | loss_train | adapter | {loss['adapter']['loss']:.4f} |" in md
     # Per-task deltas are B's chrF minus A's, task by task.
     a = [
         json.loads(line)
