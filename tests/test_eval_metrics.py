@@ -49,7 +49,7 @@ def test_repetition_rate():
     # 8 chars → 5 four-grams, 猫です。 twice: 1 - 4/5
     assert metrics.repetition_rate("猫です。猫です。", n=4) == pytest.approx(0.2)
     assert metrics.repetition_rate("吾輩は猫である。名前はまだ無い。", n=4) == 0.0
-    assert metrics.repetition_rate("短い", n=8) == 0.0  # no n-gram at all
+    assert metrics.repetition_rate("短い", n=8) is None  # no n-gram: undefined, not "no repetition"
     assert metrics.repetition_rate("ありがとう。" * 20) > 0.9  # a loop, default n
 
 
@@ -84,6 +84,12 @@ def test_summarize():
     s = metrics.summarize(rows)
     assert s.tasks == 3
     assert s.stop_rate == pytest.approx(2 / 3)
+    assert s.empty_rate == 0.0 and metrics.summarize([row(" \n", "あ", False)]).empty_rate == 1.0
+    assert s.repetition is None  # no answer has 8 characters
+    # The mean repetition is over the answers long enough to have an 8-gram: 10 × あ gives 1 - 1/3.
+    assert metrics.summarize(
+        [row("ああああああああああ", "x", False), row("", "x", False)]
+    ).repetition == pytest.approx(2 / 3)
     assert s.japanese_ratio == pytest.approx((1.0 + 0.0) / 2)  # the letter-less answer is left out
     assert s.length_ratio == pytest.approx((3 + 5) / (4 + 10))  # tasks with a reference only
     assert s.rouge_l == pytest.approx((rows[0]["rouge_l"] + 0.0) / 2)

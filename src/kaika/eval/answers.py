@@ -205,6 +205,7 @@ TABLE_ROWS = [
     ("judge_parsed", "judgments parsed", "{:d}"),
     ("judge_unparseable", "judgments unparseable", "{:d}"),
     ("stop_rate", "stop rate (EOS before limit) ↑", "{:.2f}"),
+    ("empty_rate", "empty answers", "{:.2f}"),
     ("repetition", "repetition rate ↓", "{:.3f}"),
     ("japanese_ratio", "Japanese-character ratio", "{:.3f}"),
     ("length_ratio", "length ratio (answer/reference)", "{:.2f}"),

@@ -14,7 +14,9 @@ answer where the reference has none is formatting, not content.
 * ROUGE-L: ``rouge-score``'s LCS F-measure with a character tokenizer (its default tokenizer
   lower-cases and keeps only ``[a-z0-9]``, which deletes every Japanese character).
 * repetition rate: share of character n-grams of an answer that repeat an n-gram seen earlier
-  in the same answer, ``1 - unique / total`` (seq-rep-n of Welleck et al. 2019, on characters).
+  in the same answer, ``1 - unique / total`` (seq-rep-n of Welleck et al. 2019, on characters);
+  undefined for answers shorter than n.
+* empty rate: share of answers with nothing left after normalisation.
 * Japanese ratio: hiragana, katakana and kanji among all letters (Unicode category L).
 * length ratio: answer characters / reference characters.
 * stop rate: share of answers that ended with EOS before ``max_new_tokens``.
@@ -89,11 +91,12 @@ def rouge_l(answer: str, reference: str) -> float:
     return float(_rouge().score(reference, answer)["rougeL"].fmeasure)
 
 
-def repetition_rate(text: str, n: int = REPETITION_N) -> float:
-    """``1 - unique/total`` over the character n-grams of ``text``; 0.0 when it has none."""
+def repetition_rate(text: str, n: int = REPETITION_N) -> float | None:
+    """``1 - unique/total`` over the character n-grams of ``text``; None when it is shorter than n
+    (an empty answer is not a non-repetitive one)."""
     chars = normalize(text)
     grams = [chars[i : i + n] for i in range(len(chars) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+    return 1.0 - len(set(grams)) / len(grams) if grams else None
 
 
 @cache
@@ -140,7 +143,8 @@ class Summary:
     chrf: float | None  # corpus chrF over the tasks that have a reference, 0–100
     rouge_l: float | None  # mean character ROUGE-L F over those tasks, 0–1
     stop_rate: float  # share of answers ended by EOS
-    repetition: float  # mean repetition rate
+    empty_rate: float  # share of answers with no character left after normalisation
+    repetition: float | None  # mean repetition rate over answers of at least n characters
     japanese_ratio: float | None  # mean over answers with at least one letter
     length_ratio: float | None  # total answer chars / total reference chars
     mean_new_tokens: float
@@ -161,7 +165,8 @@ def summarize(rows: list[dict[str, Any]]) -> Summary:
         else None,
         rouge_l=_mean([r["rouge_l"] for r in with_ref]),
         stop_rate=_mean([float(r["stopped"]) for r in rows]) or 0.0,
-        repetition=_mean([r["repetition"] for r in rows]) or 0.0,
+        empty_rate=_mean([float(not normalize(r["response"])) for r in rows]) or 0.0,
+        repetition=_mean([r["repetition"] for r in rows if r["repetition"] is not None]),
         japanese_ratio=_mean([r["japanese_ratio"] for r in rows if r["japanese_ratio"] is not None]),
         length_ratio=sum(len(normalize(r["response"])) for r in with_ref) / ref_chars if ref_chars else None,
         mean_new_tokens=_mean([float(r["new_tokens"]) for r in rows]) or 0.0,
