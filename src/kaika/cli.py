@@ -141,6 +141,17 @@ def run_pretrain(ns: argparse.Namespace) -> None:
         f"saved to {result.output_dir} — {result.global_step} steps, {result.tokens_seen} tokens, "
         f"train loss {result.train_loss:.4f}{held_part}, {result.train_seconds:.0f} s"
     )
+# --------------------------------------------------------------------------- eval
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    from kaika.eval.cli import add_eval_commands
+
+    add_eval_commands(p)
+
+
+def run_eval(ns: argparse.Namespace) -> None:
+    ns.eval_run(ns)
 
 
 # --------------------------------------------------------------------------- table
@@ -154,6 +165,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         add_pretrain,
         run_pretrain,
     ),
+    "eval": ("Evaluate: held-out loss, scored answers, LLM judge, run reports.", add_eval, run_eval),
 }
 
 

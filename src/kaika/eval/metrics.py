@@ -1,0 +1,173 @@
+"""Automatic metrics for Japanese answers, each a pure function of strings (definitions in docs/eval.md).
+
+Japanese is written without spaces, so everything here works on characters, never on
+whitespace tokens. Text is NFKC-normalised first (full-width ``１`` and ``Ａ`` equal ``1`` and
+``A``; half-width katakana become full-width), and whitespace is ignored: a line break in the
+answer where the reference has none is formatting, not content.
+
+* chrF: sacrebleu's ``CHRF`` with ``word_order=0`` (plain chrF, not chrF++: sacrebleu's word
+  n-grams come from splitting on whitespace, which for Japanese yields whole sentences as
+  "words") and ``whitespace=False`` (spaces are not part of any character n-gram), default
+  ``char_order=6``, ``beta=2`` and sacrebleu's own smoothing (precision and recall averaged
+  over the n-gram orders both texts have, so a short answer is not scored 0 for lacking 6-grams). Corpus chrF pools the n-gram statistics of all tasks, as
+  sacrebleu does; per task the sentence chrF is kept.
+* ROUGE-L: ``rouge-score``'s LCS F-measure with a character tokenizer (its default tokenizer
+  lower-cases and keeps only ``[a-z0-9]``, which deletes every Japanese character).
+* repetition rate: share of character n-grams of an answer that repeat an n-gram seen earlier
+  in the same answer, ``1 - unique / total`` (seq-rep-n of Welleck et al. 2019, on characters);
+  undefined for answers shorter than n.
+* empty rate: share of answers with nothing left after normalisation.
+* Japanese ratio: hiragana, katakana and kanji among all letters (Unicode category L).
+* length ratio: answer characters / reference characters.
+* stop rate: share of answers that ended with EOS before ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from kaika.errors import KaikaError
+
+# Character n-gram length for the repetition rate. On the ELYZA-tasks-100 reference answers the
+# rate is 0.021 on average for n = 8 (0.078 for n = 4: short n-grams such as 「すること」 recur in
+# fluent Japanese), while a looping answer scores near 1.
+REPETITION_N = 8
+
+
+def normalize(text: str) -> str:
+    """NFKC with all whitespace removed: the text every metric here compares."""
+    return "".join(unicodedata.normalize("NFKC", text).split())
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KaikaError(
+            f"kaika eval needs the package providing {module!r}: pip install 'kaika[eval]'"
+        ) from None
+
+
+@cache
+def _chrf():
+    metrics = _require("sacrebleu.metrics")
+    return metrics.CHRF(char_order=6, word_order=0, beta=2, whitespace=False, eps_smoothing=False)
+
+
+def chrf(answer: str, reference: str) -> float:
+    """Sentence chrF (0–100) of one answer against one reference."""
+    return float(_chrf().sentence_score(normalize(answer), [normalize(reference)]).score)
+
+
+def corpus_chrf(answers: list[str], references: list[str]) -> float:
+    """Corpus chrF (0–100): character n-gram statistics summed over all pairs, then one F-score."""
+    if not answers:
+        return 0.0
+    return float(
+        _chrf().corpus_score([normalize(a) for a in answers], [[normalize(r) for r in references]]).score
+    )
+
+
+class _CharTokenizer:
+    """rouge-score tokenizer interface: one token per (normalised, non-space) character."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(normalize(text))
+
+
+@cache
+def _rouge():
+    rouge_scorer = _require("rouge_score.rouge_scorer")
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """Character ROUGE-L F-measure (0–1): longest common subsequence of characters."""
+    return float(_rouge().score(reference, answer)["rougeL"].fmeasure)
+
+
+def repetition_rate(text: str, n: int = REPETITION_N) -> float | None:
+    """``1 - unique/total`` over the character n-grams of ``text``; None when it is shorter than n
+    (an empty answer is not a non-repetitive one)."""
+    chars = normalize(text)
+    grams = [chars[i : i + n] for i in range(len(chars) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else None
+
+
+@cache
+def _japanese_pattern():
+    regex = _require("regex")
+    # Script_Extensions, not Script: the long-vowel mark ー and the iteration marks are "Common"
+    # by script but listed under Hiragana/Katakana by extension.
+    return regex.compile(r"[\p{scx=Hiragana}\p{scx=Katakana}\p{scx=Han}]")
+
+
+def japanese_ratio(text: str) -> float | None:
+    """Hiragana, katakana and kanji characters among all letters; None when there is no letter."""
+    letters = [c for c in normalize(text) if unicodedata.category(c).startswith("L")]
+    if not letters:
+        return None
+    pattern = _japanese_pattern()
+    return sum(1 for c in letters if pattern.match(c)) / len(letters)
+
+
+def length_ratio(answer: str, reference: str) -> float | None:
+    """Answer characters / reference characters (normalised); None for an empty reference."""
+    ref = len(normalize(reference))
+    return len(normalize(answer)) / ref if ref else None
+
+
+def score(answer: str, reference: str, stopped: bool, repetition_n: int = REPETITION_N) -> dict[str, Any]:
+    """Every per-answer metric; reference-based ones are None when there is no reference."""
+    has_ref = bool(normalize(reference))
+    return {
+        "chrf": chrf(answer, reference) if has_ref else None,
+        "rouge_l": rouge_l(answer, reference) if has_ref else None,
+        "repetition": repetition_rate(answer, repetition_n),
+        "japanese_ratio": japanese_ratio(answer),
+        "length_ratio": length_ratio(answer, reference),
+        "stopped": bool(stopped),
+    }
+
+
+@dataclass
+class Summary:
+    """Metrics of one model over one task set (fields documented in docs/eval.md)."""
+
+    tasks: int
+    chrf: float | None  # corpus chrF over the tasks that have a reference, 0–100
+    rouge_l: float | None  # mean character ROUGE-L F over those tasks, 0–1
+    stop_rate: float  # share of answers ended by EOS
+    empty_rate: float  # share of answers with no character left after normalisation
+    repetition: float | None  # mean repetition rate over answers of at least n characters
+    japanese_ratio: float | None  # mean over answers with at least one letter
+    length_ratio: float | None  # total answer chars / total reference chars
+    mean_new_tokens: float
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> Summary:
+    """Aggregate rows holding ``response``, ``reference``, ``new_tokens`` and the ``score`` fields."""
+    with_ref = [r for r in rows if normalize(r.get("reference") or "")]
+    ref_chars = sum(len(normalize(r["reference"])) for r in with_ref)
+    return Summary(
+        tasks=len(rows),
+        chrf=corpus_chrf([r["response"] for r in with_ref], [r["reference"] for r in with_ref])
+        if with_ref
+        else None,
+        rouge_l=_mean([r["rouge_l"] for r in with_ref]),
+        stop_rate=_mean([float(r["stopped"]) for r in rows]) or 0.0,
+        empty_rate=_mean([float(not normalize(r["response"])) for r in rows]) or 0.0,
+        repetition=_mean([r["repetition"] for r in rows if r["repetition"] is not None]),
+        japanese_ratio=_mean([r["japanese_ratio"] for r in rows if r["japanese_ratio"] is not None]),
+        length_ratio=sum(len(normalize(r["response"])) for r in with_ref) / ref_chars if ref_chars else None,
+        mean_new_tokens=_mean([float(r["new_tokens"]) for r in rows]) or 0.0,
+    )
