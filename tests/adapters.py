@@ -22,12 +22,12 @@ def make_adapter(
 
     cfg = TrainConfig()
     cfg.model.base_model, cfg.data.template, cfg.data.data = base_model, template, [str(SEED_TASKS)]
-    cfg.lora.r, cfg.lora.alpha = r, 2 * r
+    cfg.lora.r, cfg.lora.alpha = r, 8 * r
     model = load_model(cfg.model)
     torch.manual_seed(seed)
     lora = LoraConfig(
         r=r,
-        lora_alpha=2 * r,
+        lora_alpha=8 * r,  # a strong random update, so that each adapter visibly changes answers
         target_modules=["query_key_value"],
         init_lora_weights=False,  # random B: the adapter changes the model, as a trained one does
         task_type="CAUSAL_LM",

@@ -13,8 +13,6 @@ any number of LoRA adapters.
   onto the adapter's saved instruction template (see ``kaika.messages``).
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import logging
@@ -208,6 +206,7 @@ def create_app(pool: ModelPool, options: ServeOptions):
         stop: str | list[str] | None = None
         seed: int | None = None
         stream: bool = False
+        stream_options: dict[str, Any] | None = None
 
     class CompletionRequest(Sampling):
         prompt: str | list[str]
@@ -224,7 +223,8 @@ def create_app(pool: ModelPool, options: ServeOptions):
         worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kaika", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    state = {"admitted": 0}  # touched only on the event loop thread: no lock needed
+    # Touched only on the event loop thread: no lock needed.
+    state = {"admitted": 0, "completed": 0, "cancelled": 0}
     limit = options.queue_size + 1  # the one generating + the ones waiting
 
     @app.exception_handler(APIError)
@@ -238,6 +238,7 @@ def create_app(pool: ModelPool, options: ServeOptions):
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
+            loc = []
         else:
             message = f"{'.'.join(loc) or 'body'}: {err['msg']}"
         return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
@@ -262,7 +263,7 @@ def create_app(pool: ModelPool, options: ServeOptions):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "admitted": state["admitted"], "limit": limit}
+        return {"status": "ok", "limit": limit, **state}
 
     @app.get("/v1/models")
     async def models():
@@ -348,8 +349,13 @@ def create_app(pool: ModelPool, options: ServeOptions):
                     model, pool.tokenizer, prompt_ids, args, streamer=streamer, cancel=cancel, stop=stop
                 )
 
+        def done(fut: asyncio.Future) -> None:
+            state["admitted"] -= 1
+            if not fut.cancelled() and fut.exception() is None:
+                state["cancelled" if fut.result().finish_reason == "cancelled" else "completed"] += 1
+
         fut = asyncio.get_running_loop().run_in_executor(worker, job)
-        fut.add_done_callback(lambda _: state.__setitem__("admitted", state["admitted"] - 1))
+        fut.add_done_callback(done)
         return fut
 
     def usage(r: Result) -> dict[str, int]:
@@ -425,6 +431,9 @@ def create_app(pool: ModelPool, options: ServeOptions):
                     yield f"data: {json.dumps(APIError(500, str(e), 'server_error').body())}\n\n"
                     return
                 yield chunk(None, finish(r))
+                if (req.stream_options or {}).get("include_usage"):
+                    body = {"id": rid, "object": obj, "created": created, "model": entry.name}
+                    yield f"data: {json.dumps({**body, 'choices': [], 'usage': usage(r)})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 cancel.set()  # the client went away (or we are done): stop generating
