@@ -70,6 +70,18 @@ class StopFilter:
         return out
 
 
+def context_length(model, tokenizer) -> int | None:
+    """The longest sequence the model takes: from its config, else the tokenizer's limit. BLOOM
+    (ALiBi) has no position table; its tokenizer's model_max_length is what it was trained on."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
 @torch.no_grad()
 def run(
     model,

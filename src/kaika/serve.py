@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kaika.config import CONFIG_FILE, GenerateArgs, ModelArgs, load_train_config
-from kaika.engine import Result, StopFilter, run
+from kaika.engine import Result, StopFilter, context_length, run
 from kaika.errors import KaikaError
 from kaika.generate import Loaded, check_adapter_dir, load_for_inference
 from kaika.messages import chat_prompt
@@ -156,18 +156,6 @@ def check_same_base(adapters: dict[str, Path], base_model: str | None) -> None:
             f"the adapters were trained on different base models ({listing}); serve them separately, "
             "or pass --base-model if they really share one"
         )
-
-
-def context_length(model, tokenizer) -> int | None:
-    """The longest sequence the model takes: from its config, else the tokenizer's limit. BLOOM
-    (ALiBi) has no position table; its tokenizer's model_max_length is what it was trained on."""
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
 
 
 # --------------------------------------------------------------------------- errors
