@@ -148,12 +148,22 @@ def add_webui(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="Port to listen on")
     p.add_argument("--lang", choices=("en", "ja"), default="en", help="Language of the page (en, ja)")
     add_inference_args(p)
+    add_dataclass_args(p, GenerateArgs, "generate")  # the controls' initial values
 
 
 def run_webui(ns: argparse.Namespace) -> None:
     from kaika.webui import webui
 
-    webui(ns.adapter_dir, host=ns.host, port=ns.port, lang=ns.lang, base_model=ns.base_model, dtype=ns.dtype)
+    defaults = from_dict(GenerateArgs, namespace_overrides(ns).get("generate", {}), "generate options")
+    webui(
+        ns.adapter_dir,
+        host=ns.host,
+        port=ns.port,
+        lang=ns.lang,
+        base_model=ns.base_model,
+        dtype=ns.dtype,
+        defaults=defaults,
+    )
 
 
 def add_serve(p: argparse.ArgumentParser) -> None:
