@@ -72,6 +72,7 @@ def reference(tiny_adapters):  # noqa: F811
     return answer
 
 
+@pytest.mark.slow
 def test_chat_session_through_stdin(tiny_adapters, reference):  # noqa: F811
     t = Terminal([str(tiny_adapters[0]), "--max-new-tokens", "10"])
     try:

@@ -264,6 +264,7 @@ def test_generation_runs_off_the_event_loop_and_stops_when_the_client_leaves(ser
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
 
 
+@pytest.mark.slow
 def test_serving_a_merged_model_alone(tmp_path, tiny_adapters, references):  # noqa: F811
     from openai import OpenAI
 
