@@ -72,7 +72,7 @@ def server(tiny_adapters, tmp_path_factory):  # noqa: F811
             "1",
             "--max-tokens-limit",
             str(MAX_TOKENS_LIMIT),
-            "--default-max-tokens",
+            "--max-new-tokens",
             "12",
         ],
         port,

@@ -195,11 +195,10 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-tokens-limit", type=int, default=2048, help="Largest max_tokens a request may ask for"
     )
-    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument(
         "--context-length", type=int, help="Bound on prompt + max_tokens (default: from the model)"
     )
-    add_dataclass_args(p, GenerateArgs, "generate")
+    add_dataclass_args(p, GenerateArgs, "generate")  # defaults for what a request leaves out
 
 
 def run_serve(ns: argparse.Namespace) -> None:
@@ -212,7 +211,6 @@ def run_serve(ns: argparse.Namespace) -> None:
         api_key=ns.api_key,
         queue_size=ns.queue_size,
         max_tokens_limit=ns.max_tokens_limit,
-        default_max_tokens=ns.default_max_tokens,
         context_length=ns.context_length,
         defaults=defaults,
     )

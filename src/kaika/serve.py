@@ -47,9 +47,8 @@ class ServeOptions:
     api_key: str | None = None
     queue_size: int = 8  # requests that may wait while one generates; more get 429
     max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 256
     context_length: int | None = None  # prompt + max_tokens bound; None: from the model
-    defaults: GenerateArgs = field(default_factory=GenerateArgs)
+    defaults: GenerateArgs = field(default_factory=GenerateArgs)  # for what a request leaves out
 
 
 @dataclass
@@ -279,7 +278,7 @@ def create_app(pool: ModelPool, options: ServeOptions):
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n")
         if max_tokens is None:
-            max_tokens = min(options.default_max_tokens, options.max_tokens_limit)
+            max_tokens = min(d.max_new_tokens, options.max_tokens_limit)
         if not 1 <= max_tokens <= options.max_tokens_limit:
             raise APIError(
                 400,
@@ -491,6 +490,10 @@ def serve(
     options.api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     if options.queue_size < 0:
         raise KaikaError(f"--queue-size must be 0 or more, got {options.queue_size}")
+    if options.defaults.num_beams != 1:
+        raise KaikaError(
+            "serve streams and samples token by token; beam search is not offered (--num-beams 1)"
+        )
     pool = ModelPool(parse_adapters(adapters), base_model, base_name, dtype, template)
     app = create_app(pool, options)
     log.info(
