@@ -29,6 +29,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(tmp_path, tiny_adapters):  #
     out = tmp_path / "merged"
     result = merge(adapter, out, max_shard_size="2MB")  # ~8 MB of fp32 weights: several shards
     assert result.out_dir == out and result.max_abs_diff <= result.tolerance
+    assert result.rounding == result.max_abs_diff  # float32: nothing rounded after the merge
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) >= 3, shards
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -81,8 +82,14 @@ def test_refuses_to_overwrite_and_force_replaces(tmp_path, tiny_adapters):  # no
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(KaikaError, match="holds the adapter"):
         merge(adapter, adapter.parent, force=True)
-    merge(adapter, out, force=True, dtype="bfloat16")
+    r = merge(adapter, out, force=True, dtype="bfloat16")
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # The merge is checked in float32; bf16's rounding is measured and reported, not hidden in a tolerance.
+    assert r.max_abs_diff <= r.tolerance and r.rounding > r.tolerance
+    assert (
+        f"Rounding the weights to bfloat16 moves the logits by up to {r.rounding:.2e}"
+        in (out / "README.md").read_text()
+    )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
