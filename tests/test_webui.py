@@ -33,6 +33,28 @@ def test_both_languages_label_everything():
     assert all(LABELS["ja"][k] != LABELS["en"][k] for k in ("instruction", "input", "generate", "output"))
 
 
+def test_stream_answer_yields_growing_prefixes_of_the_answer(tiny_adapters):  # noqa: F811
+    import threading
+
+    from kaika.config import GenerateArgs
+    from kaika.engine import run
+    from kaika.generate import load_for_inference
+    from kaika.tokenize import encode_prompt
+    from kaika.webui import stream_answer
+
+    loaded = load_for_inference(tiny_adapters[0])
+    args = GenerateArgs(max_new_tokens=24)
+    steps = list(stream_answer(loaded, "要約してください。", "吾輩は猫である。", args, threading.Event()))
+    ids = encode_prompt(loaded.tokenizer, loaded.template.format("要約してください。", "吾輩は猫である。"))
+    assert steps[-1] == run(loaded.model, loaded.tokenizer, ids, args).text
+    assert len(steps) > 1 and all(
+        b.startswith(a) and len(b) > len(a) for a, b in zip(steps, steps[1:], strict=False)
+    )
+    stopped = threading.Event()
+    stopped.set()  # what the Stop button does: generation ends at the next token
+    assert len(list(stream_answer(loaded, "要約してください。", "", args, stopped))) <= 1
+
+
 @pytest.fixture
 def page_url(tiny_adapters, tmp_path):  # noqa: F811
     from test_serve import free_port

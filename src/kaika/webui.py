@@ -71,19 +71,24 @@ def stream_answer(
 
     ids = encode_prompt(loaded.tokenizer, loaded.template.format(instruction, input))
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    worker = threading.Thread(
-        target=run,
-        args=(loaded.model, loaded.tokenizer, ids, args),
-        kwargs={"streamer": streamer, "cancel": cancel},
-        name="kaika-webui-generate",
-        daemon=True,
-    )
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run(loaded.model, loaded.tokenizer, ids, args, streamer=streamer, cancel=cancel)
+        except BaseException as e:  # shown on the page below, not lost in the thread
+            failed.append(e)
+
+    worker = threading.Thread(target=work, name="kaika-webui-generate", daemon=True)
     worker.start()
     text = ""
     for piece in streamer:
-        text += piece
-        yield text
+        if piece:  # the streamer sends "" while it holds back an incomplete character
+            text += piece
+            yield text
     worker.join()
+    if failed:
+        raise failed[0]
 
 
 def build_ui(loaded: Loaded, lang: str = "en", defaults: GenerateArgs | None = None, adapter_name: str = ""):
