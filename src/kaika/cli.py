@@ -152,6 +152,138 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 def run_eval(ns: argparse.Namespace) -> None:
     ns.eval_run(ns)
+# --------------------------------------------------------------------------- merge / chat / webui / serve
+
+
+def add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter_dir", help="Output directory of kaika train (or any PEFT adapter directory)")
+    p.add_argument("out_dir", help="Where to write the merged model (a standard Hugging Face checkpoint)")
+    p.add_argument("--base-model", help="Use this base model instead of the one saved with the adapter")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype of the written weights: float32 (default), bfloat16 or float16; merging itself is "
+        "always done in float32",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="2GB",
+        help="Split the weights into safetensors files of at most this size",
+    )
+    p.add_argument("--force", action="store_true", help="Replace OUT_DIR if it is not empty")
+
+
+def run_merge(ns: argparse.Namespace) -> None:
+    from kaika.merge import merge
+
+    r = merge(
+        ns.adapter_dir,
+        ns.out_dir,
+        base_model=ns.base_model,
+        dtype=ns.dtype,
+        max_shard_size=ns.max_shard_size,
+        force=ns.force,
+    )
+    print(
+        f"merged model written to {r.out_dir} ({r.dtype}; logits match base + adapter within "
+        f"{r.max_abs_diff:.2e}, tolerance {r.tolerance:.1e})"
+    )
+
+
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", help="Use this base model instead of the one saved with the adapter")
+    p.add_argument(
+        "--dtype", help="Override the dtype saved with the adapter (auto, float32, bfloat16, float16)"
+    )
+
+
+def add_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter_dir", help="Output directory of kaika train (or any PEFT adapter directory)")
+    p.add_argument("--system", default="", help="Context given with every turn (the template's input / 入力)")
+    add_inference_args(p)
+    add_dataclass_args(p, GenerateArgs, "generate")
+
+
+def run_chat(ns: argparse.Namespace) -> None:
+    from kaika.chat import chat
+
+    args = from_dict(GenerateArgs, namespace_overrides(ns).get("generate", {}), "generate options")
+    chat(ns.adapter_dir, args, system=ns.system, base_model=ns.base_model, dtype=ns.dtype)
+
+
+def add_webui(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter_dir", help="Output directory of kaika train (or any PEFT adapter directory)")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="Port to listen on")
+    p.add_argument("--lang", choices=("en", "ja"), default="en", help="Language of the page (en, ja)")
+    add_inference_args(p)
+    add_dataclass_args(p, GenerateArgs, "generate")  # the controls' initial values
+
+
+def run_webui(ns: argparse.Namespace) -> None:
+    from kaika.webui import webui
+
+    defaults = from_dict(GenerateArgs, namespace_overrides(ns).get("generate", {}), "generate options")
+    webui(
+        ns.adapter_dir,
+        host=ns.host,
+        port=ns.port,
+        lang=ns.lang,
+        base_model=ns.base_model,
+        dtype=ns.dtype,
+        defaults=defaults,
+    )
+
+
+def add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "adapters",
+        nargs="*",
+        metavar="[NAME=]ADAPTER_DIR",
+        help="Adapters to serve over one base model; a request's model field picks one by NAME "
+        "(default: the directory's name). The base model is served too, under its own name.",
+    )
+    p.add_argument(
+        "--base-model",
+        help="Base model (default: the one saved with the adapters); "
+        "alone, without adapters, it serves e.g. a merged model directory",
+    )
+    p.add_argument(
+        "--base-name", help="Model name of the base model in requests (default: its directory or hub name)"
+    )
+    p.add_argument("--dtype", help="Override the saved dtype (auto, float32, bfloat16, float16)")
+    p.add_argument("--template", help="Use this prompt template for chat instead of the saved ones")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on")
+    p.add_argument(
+        "--api-key", help="Require 'Authorization: Bearer KEY' (default: $KAIKA_API_KEY; unset: no auth)"
+    )
+    p.add_argument(
+        "--queue-size", type=int, default=8, help="Requests that may wait while one generates; more get 429"
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=2048, help="Largest max_tokens a request may ask for"
+    )
+    p.add_argument(
+        "--context-length", type=int, help="Bound on prompt + max_tokens (default: from the model)"
+    )
+    add_dataclass_args(p, GenerateArgs, "generate")  # defaults for what a request leaves out
+
+
+def run_serve(ns: argparse.Namespace) -> None:
+    from kaika.serve import ServeOptions, serve
+
+    defaults = from_dict(GenerateArgs, namespace_overrides(ns).get("generate", {}), "generate options")
+    options = ServeOptions(
+        host=ns.host,
+        port=ns.port,
+        api_key=ns.api_key,
+        queue_size=ns.queue_size,
+        max_tokens_limit=ns.max_tokens_limit,
+        context_length=ns.context_length,
+        defaults=defaults,
+    )
+    serve(ns.adapters, options, ns.base_model, ns.base_name, ns.dtype, ns.template)
 
 
 # --------------------------------------------------------------------------- table
@@ -166,6 +298,10 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         run_pretrain,
     ),
     "eval": ("Evaluate: held-out loss, scored answers, LLM judge, run reports.", add_eval, run_eval),
+    "merge": ("Merge an adapter into its base model and write a standard checkpoint.", add_merge, run_merge),
+    "chat": ("Chat with base model + adapter in the terminal (streaming).", add_chat, run_chat),
+    "webui": ("A web page (Gradio) to try base model + adapter.", add_webui, run_webui),
+    "serve": ("An OpenAI-compatible HTTP API over a base model and its adapters.", add_serve, run_serve),
 }
 
 

@@ -1,0 +1,215 @@
+"""``kaika chat``: talk to base model + adapter in the terminal, answers streamed as they come.
+
+Each turn is prompted with the adapter's saved template; earlier turns come first as earlier
+prompt/answer pairs and ``--system`` text is the template's input (see ``kaika.messages``).
+When the conversation outgrows the context window, the oldest turns are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from kaika.config import GenerateArgs, from_dict
+from kaika.engine import Result, context_length, run
+from kaika.errors import KaikaError
+from kaika.generate import Loaded, load_for_inference
+from kaika.messages import chat_prompt
+from kaika.tokenize import encode_prompt
+
+HELP = """\
+Type a message and press Enter. Commands:
+  /reset               forget the conversation so far
+  /params              show the generation settings
+  /params k=v [k=v…]   change them, e.g. /params temperature=0.7 max_new_tokens=128
+  /help                this text
+  /exit                quit (Ctrl-D too)
+Several lines: end a line with \\ to continue on the next, or put the lines between two
+lines holding only \"\"\".
+Ctrl-C stops the answer being written; the conversation goes on."""
+
+BLOCK = '"""'
+
+
+class Chat:
+    """A conversation with one model: history, settings, and one streamed answer at a time."""
+
+    def __init__(self, loaded: Loaded, args: GenerateArgs, system: str = ""):
+        self.loaded, self.args, self.system = loaded, args, system
+        self.history: list[dict[str, str]] = []
+        self.cancel = threading.Event()
+        self.context = context_length(loaded.model, loaded.tokenizer)
+
+    def reset(self) -> None:
+        self.history = []
+
+    def set_params(self, text: str) -> None:
+        """``k=v`` pairs validated as GenerateArgs fields (same names as the command-line options)."""
+        pairs = {}
+        for item in text.split():
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise KaikaError(f"/params: expected key=value, got {item!r}")
+            pairs[key.replace("-", "_")] = value
+        args = from_dict(GenerateArgs, {**dataclasses.asdict(self.args), **pairs}, "/params")
+        if args.num_beams != 1:
+            raise KaikaError("/params: chat streams its answers, which beam search cannot do (num_beams=1)")
+        if args.max_new_tokens < 1:
+            raise KaikaError("/params: max_new_tokens must be at least 1")
+        self.args = args
+
+    def params_text(self) -> str:
+        skip = {"batch_size", "num_beams"}  # meaningless here
+        return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.args).items() if k not in skip)
+
+    def prompt_ids(self, message: str) -> list[int]:
+        """The prompt for ``message`` after the history, oldest turns dropped until it fits."""
+        tok, template = self.loaded.tokenizer, self.loaded.template
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        turns = list(self.history)
+        while True:
+            ids = encode_prompt(
+                tok, chat_prompt(template, system + turns + [{"role": "user", "content": message}])
+            )
+            if not self.context or len(ids) + self.args.max_new_tokens <= self.context or not turns:
+                break
+            turns = turns[2:]  # drop the oldest question and its answer
+        if self.context and len(ids) + self.args.max_new_tokens > self.context:
+            raise KaikaError(
+                f"the message is too long: {len(ids)} prompt tokens + max_new_tokens "
+                f"{self.args.max_new_tokens} exceed the context window of {self.context}"
+            )
+        return ids
+
+    def answer(self, message: str, write: Callable[[str], None]) -> Result:
+        """Stream the answer to ``message`` through ``write``; ``self.cancel`` stops it."""
+        from transformers import TextIteratorStreamer
+
+        ids = self.prompt_ids(message)
+        streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.cancel.clear()
+        box: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                box["result"] = run(
+                    self.loaded.model,
+                    self.loaded.tokenizer,
+                    ids,
+                    self.args,
+                    streamer=streamer,
+                    cancel=self.cancel,
+                )
+            except BaseException as e:  # re-raised in the caller's thread
+                box["error"] = e
+
+        worker = threading.Thread(target=work, name="kaika-chat-generate", daemon=True)
+        worker.start()
+        for piece in streamer:
+            write(piece)
+        worker.join()
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        result: Result = box["result"]  # type: ignore[assignment]
+        self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": result.text}]
+        return result
+
+
+def read_message(read_line: Callable[[str], str]) -> str:
+    """One message: a line; lines joined while they end with a backslash; or a \"\"\" block.
+    Raises EOFError at the end of input."""
+    line = read_line("> ")
+    if line.strip() == BLOCK:
+        lines = []
+        while (line := read_line("… ")).strip() != BLOCK:
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read_line("… ")
+    return "\n".join([*lines, line])
+
+
+@contextmanager
+def sigint_sets(event: threading.Event):
+    """While inside, Ctrl-C sets ``event`` (the generation stops at its next token) instead of
+    raising KeyboardInterrupt somewhere in the middle of the model."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def chat(
+    adapter_dir: str | Path,
+    args: GenerateArgs | None = None,
+    system: str = "",
+    base_model: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """The interactive loop on stdin/stdout (status lines on stderr)."""
+    args = args or GenerateArgs()
+    if args.num_beams != 1:
+        raise KaikaError("chat streams its answers, which beam search cannot do: use --num-beams 1")
+    session = Chat(load_for_inference(adapter_dir, base_model, dtype=dtype), args, system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+    out, err = sys.stdout, sys.stderr
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    print(
+        f"kaika chat — {Path(adapter_dir).name} ({session.loaded.template.name} template). /help for commands.",
+        file=err,
+    )
+    while True:
+        try:
+            message = read_message(input)
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, keep going
+            print("\n(Ctrl-D or /exit to quit)", file=err)
+            continue
+        command, _, rest = message.strip().partition(" ")
+        try:
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/help":
+                print(HELP, file=err)
+            elif command == "/reset":
+                session.reset()
+                print("(conversation cleared)", file=err)
+            elif command == "/params":
+                if rest.strip():
+                    session.set_params(rest)
+                print(session.params_text(), file=err)
+            elif command.startswith("/") and "\n" not in command:
+                print(f"unknown command {command}; /help lists them", file=err)
+            elif message.strip():
+                start = time.perf_counter()
+                with sigint_sets(session.cancel):
+                    result = session.answer(message, write)
+                seconds = time.perf_counter() - start
+                write("\n")
+                if result.finish_reason == "cancelled":
+                    print("[stopped]", file=err)
+                print(
+                    f"[{result.completion_tokens} tokens, {result.completion_tokens / max(seconds, 1e-9):.1f} tokens/s, "
+                    f"prompt {result.prompt_tokens} tokens]",
+                    file=err,
+                )
+        except KaikaError as e:
+            print(f"error: {e}", file=err)
+    if interactive:
+        print(file=err)

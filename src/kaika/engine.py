@@ -1,0 +1,132 @@
+"""One generation from prompt ids, as chat, the web UI and the API server need it: streaming,
+stop strings, and a flag that stops it between two tokens (Ctrl-C, a closed connection)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kaika.config import GenerateArgs
+from kaika.generate import generation_config
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (token limit) or "cancelled"
+
+
+class CancelFlag:
+    """A transformers StoppingCriteria that ends generation at the next token once ``event`` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string (excluded), and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class StopFilter:
+    """Streams text deltas without ever showing a stop string, even one split across deltas:
+    text that could still become the start of a stop string is held back until it cannot."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self.text += delta
+        cut, self.stopped = cut_at_stop(self.text, self.stop)
+        if self.stopped:
+            safe = len(cut)
+        else:
+            hold = max(
+                (k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0
+            )
+            safe = len(self.text) - hold
+        out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
+        return out
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        out, self.sent = self.text[self.sent :], len(self.text)
+        return out
+
+
+def context_length(model, tokenizer) -> int | None:
+    """The longest sequence the model takes: from its config, else the tokenizer's limit. BLOOM
+    (ALiBi) has no position table; its tokenizer's model_max_length is what it was trained on."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
+@torch.no_grad()
+def run(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    args: GenerateArgs,
+    *,
+    streamer: Any = None,
+    cancel: threading.Event | None = None,
+    stop: Iterable[str] = (),
+) -> Result:
+    """Generate a continuation of ``prompt_ids`` (batch of one). Blocking: call it off the event loop."""
+    from transformers import StoppingCriteriaList, set_seed
+
+    stop = [s for s in stop if s]
+    config = generation_config(args, tokenizer)
+    if stop:
+        config.stop_strings = stop
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    cancel = cancel or threading.Event()
+    set_seed(args.seed)
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=config,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([CancelFlag(cancel)]),
+            tokenizer=tokenizer,  # needed by stop_strings
+        )
+    except BaseException:
+        if streamer is not None:
+            streamer.end()  # generate() ends the stream only on success; the consumer must not hang
+        raise
+    new = out[0, len(prompt_ids) :].tolist()
+    eos = tokenizer.eos_token_id
+    hit_eos = eos in new
+    if hit_eos:
+        new = new[: new.index(eos)]
+    text, hit_stop = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+    if hit_eos or hit_stop:
+        reason = "stop"
+    elif cancel.is_set():
+        reason = "cancelled"
+    else:
+        reason = "length"
+    return Result(text, len(prompt_ids), len(new), reason)

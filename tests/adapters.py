@@ -1,0 +1,50 @@
+"""Adapter directories shaped exactly like ``kaika train`` output, made in a second instead of
+trained: peft LoRA with random (non-zero) B on a base model, saved with config, template and tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SEED_TASKS
+
+
+def make_adapter(
+    out: Path, base_model: str = "tiny-bloom-ja", seed: int = 0, template: str = "alpaca_ja", r: int = 4
+) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from kaika.config import CONFIG_FILE, TrainConfig, save_yaml
+    from kaika.models import load_model, load_tokenizer
+    from kaika.prompts import TEMPLATE_FILE, load_template
+
+    cfg = TrainConfig()
+    cfg.model.base_model, cfg.data.template, cfg.data.data = base_model, template, [str(SEED_TASKS)]
+    cfg.lora.r, cfg.lora.alpha = r, 8 * r
+    model = load_model(cfg.model)
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=8 * r,  # a strong random update, so that each adapter visibly changes answers
+        target_modules=["query_key_value"],
+        init_lora_weights=False,  # random B: the adapter changes the model, as a trained one does
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    peft_model.save_pretrained(out)
+    load_tokenizer(cfg.model).save_pretrained(out)
+    save_yaml(cfg, out / CONFIG_FILE)
+    (out / TEMPLATE_FILE).write_text(load_template(template).to_json(), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory) -> tuple[Path, Path]:
+    """Two different adapters on the builtin tiny-bloom-ja: one alpaca_ja, one English alpaca."""
+    root = tmp_path_factory.mktemp("adapters")
+    return (
+        make_adapter(root / "ja", seed=1, template="alpaca_ja"),
+        make_adapter(root / "en", seed=2, template="alpaca"),
+    )
