@@ -125,7 +125,7 @@ class TranslationStopped(KaikaError):
 # --------------------------------------------------------------------------- protection
 
 # Order matters: a fenced block may contain inline code, URLs and braces.
-_PROTECT = re.compile(
+PROTECTED_SPANS = re.compile(
     r"""
     (?P<fence>\n?(?P<f>```|~~~)[^\n]*\n.*?(?:(?P=f)[^\n]*|\Z)\n?)      # fenced code block (maybe unclosed)
     | (?P<inline>`[^`\n]+`)                                           # inline code
@@ -142,7 +142,7 @@ _WRAPPED = re.compile(rf'<{IGNORE_TAG} i="(\d+)"(?:/>|>(.*?)</{IGNORE_TAG}>)', r
 def protect(text: str) -> tuple[str, list[str]]:
     """``text`` as XML for DeepL with every protected span in an ignore tag, and the spans."""
     parts, spans, pos = [], [], 0
-    for m in _PROTECT.finditer(text):
+    for m in PROTECTED_SPANS.finditer(text):
         parts.append(escape(text[pos : m.start()], quote=False))
         parts.append(f'<{IGNORE_TAG} i="{len(spans)}">{escape(m.group(), quote=False)}</{IGNORE_TAG}>')
         spans.append(m.group())
@@ -173,7 +173,7 @@ def restore(xml: str, spans: list[str]) -> tuple[str, int]:
 
 def needs_translation(text: str) -> bool:
     """Whether any letter is left outside protected spans (numbers, symbols, bare code: no)."""
-    rest = _PROTECT.sub(" ", text)
+    rest = PROTECTED_SPANS.sub(" ", text)
     return any(unicodedata.category(ch).startswith("L") for ch in rest)
 
 
