@@ -56,7 +56,10 @@ KINDS: dict[str, tuple[str, str]] = {
     "width": ("info", "half-width katakana or full-width Latin letters/digits (NFKC would change them)"),
     "bad_char": ("warning", "replacement character U+FFFD, control or zero-width characters"),
     "whitespace": ("info", "leading or trailing whitespace"),
-    "length_outlier": ("info", "field far longer than the rest (Tukey's far-out fence on log length)"),
+    "length_outlier": (
+        "info",
+        "field far longer than the rest (Tukey's far-out fence on log length, >= 4x the median)",
+    ),
     "too_long": ("warning", "example longer than cutoff_len tokens: truncated (or dropped) in training"),
 }
 
@@ -415,7 +418,7 @@ def check_copies(rec: Rec, out: list[Finding]) -> None:
 
 
 def check_lengths(recs: list[Rec], out: list[Finding]) -> None:
-    """Far-out values (Tukey: above Q3 + 3 IQR) of log character length, per field."""
+    """Far-out values (Tukey: above Q3 + 3 IQR) of log character length, per field, at least 4x the median."""
     import numpy as np
 
     for fld in FIELDS:
@@ -424,7 +427,7 @@ def check_lengths(recs: list[Rec], out: list[Finding]) -> None:
             continue
         logs = np.log([n for _, n in items])
         q1, q3 = np.percentile(logs, [25, 75])
-        fence = q3 + 3 * (q3 - q1)
+        fence = max(q3 + 3 * (q3 - q1), np.median(logs) + math.log(4))  # and never under 4x the median
         for rec, n in items:
             if math.log(n) > fence:
                 out.append(
@@ -625,8 +628,9 @@ def print_report(report: CheckReport, show: int = 3) -> None:
     if report.too_long:
         t = report.too_long
         print(
-            f"\nwith {t['model']} and template {t['template']}: {t['truncated']} of {t['examples']} examples "
-            f"exceed cutoff_len {t['cutoff_len']} (response cut), {t['dropped']} have a prompt that alone does"
+            f"\nwith {t['model']} and template {t['template']}: {t['truncated'] + t['dropped']} of {t['examples']} "
+            f"examples exceed cutoff_len {t['cutoff_len']}: {t['truncated']} truncated (response cut, EOS kept), "
+            f"{t['dropped']} dropped (the prompt alone is too long)"
         )
     by_kind: dict[str, list[Finding]] = defaultdict(list)
     for f in report.findings:
@@ -652,11 +656,14 @@ class TokenLengths:
     @classmethod
     def load(cls, model: str | None, template: str) -> TokenLengths:
         from kaika.config import ModelArgs
-        from kaika.models import load_tokenizer
+        from kaika.models import ModelSource, load_tokenizer
         from kaika.prompts import load_template
 
         name = model or "tiny-bloom-ja"
-        return cls(name, load_tokenizer(ModelArgs(base_model=name)), load_template(template))
+        path = Path(name)
+        # A directory with only a tokenizer is enough here (resolve_source wants a whole model).
+        source = ModelSource(name) if path.is_dir() and (path / "tokenizer_config.json").is_file() else None
+        return cls(name, load_tokenizer(ModelArgs(base_model=name), source), load_template(template))
 
     def count(self, texts: list[str]) -> list[int]:
         if not texts:
@@ -684,6 +691,13 @@ def percentiles(values: list[int], qs=(50, 90, 95, 99)) -> dict[str, int]:
     out["max"] = int(arr.max())
     out["mean"] = round(float(arr.mean()), 1)
     return out
+
+
+def cutoff_keeping(lengths: list[int], share: float) -> int:
+    """The smallest cutoff_len that keeps at least ``share`` of the examples whole."""
+    if not lengths:
+        return 0
+    return sorted(lengths)[math.ceil(share * len(lengths)) - 1]
 
 
 @dataclass
@@ -735,8 +749,8 @@ def data_stats(
             "tokens_per_character": round(tokens / max(chars, 1), 3),
             "tokens": per_field,
             "example_tokens": percentiles(full),
-            "cutoff_len_for_95": percentiles(full)["p95"],
-            "cutoff_len_for_99": percentiles(full)["p99"],
+            "cutoff_len_for_95": cutoff_keeping(full, 0.95),
+            "cutoff_len_for_99": cutoff_keeping(full, 0.99),
             "cutoff_len": cutoff_len,
             "truncated_at_cutoff_len": sum(n > cutoff_len for n in full),
         }
