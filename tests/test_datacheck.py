@@ -301,3 +301,18 @@ def test_stats_and_too_long(tmp_path, ja_tokenizer, capsys):
     assert main(["data", "stats", str(path), "--model", str(tok_dir), str(tok_dir), "--json", str(js)]) == 0
     assert "tokens per character" in capsys.readouterr().out
     assert json.loads(js.read_text(encoding="utf-8"))["records"] == 40
+
+
+def test_unfenced_code_is_code_not_english(tmp_path):
+    """Alpaca-style data pastes code without fences: its parentheses and English are not prose."""
+    code = "def count_x(x, y):\n    # count how often x appears in the list y\n    return y.count(x)"
+    rec = {"instruction": "次の関数を説明してください。", "input": code, "output": "yの中のxを数えます。"}
+    report = check_files([str(write_jsonl(tmp_path / "d.jsonl", [*CLEAN, rec]))])
+    assert [(f.kind, f.field) for f in report.findings] == [("untranslated_comment", "input")]
+    english = {
+        "instruction": "説明してください。",
+        "input": "",
+        "output": "The count function counts (how often x appears.",
+    }
+    report = check_files([str(write_jsonl(tmp_path / "e.jsonl", [*CLEAN, english]))])
+    assert {f.kind for f in report.findings} == {"residual_english", "bracket_unbalanced"}  # prose, not code

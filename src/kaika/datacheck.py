@@ -31,6 +31,7 @@ import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,10 +205,36 @@ def is_japanese_source(recs: list[Rec]) -> bool:
     return bool(ok) and ja >= 0.5 * len(ok)
 
 
+# Code pasted without fences (common in Alpaca-style data): ASCII lines that look like code.
+_CODE_HINT = re.compile(
+    r"^\s*(?:def |class |import |from [\w.]+ import |return\b|for .* in |while |if .*:|elif |else:|try:|except"
+    r"|print\(|SELECT |INSERT |UPDATE |var |let |const |function |#include|public |private |[{}])"
+    r"|^(?: {2,}|\t)\S|[;{}]\s*$|\s(?:=|==|\+=|->|=>)\s|\w\([^)]*\)"
+)
+
+
+def code_lines(text: str) -> Iterator[re.Match]:
+    """Lines of unfenced code: ASCII only and shaped like code (``def``, ``x = …``, ``f(x)``, ``{``…)."""
+    for m in re.finditer(r"[^\n]+", text):
+        line = m.group()
+        if line.isascii() and _CODE_HINT.search(line):
+            yield m
+
+
+def code_blocks(text: str) -> Iterator[str]:
+    """The contents of fenced code blocks and unfenced code lines (where comments live)."""
+    yield from (m.group(2) for m in _FENCE.finditer(text))
+    yield from (m.group() for m in code_lines(_CODE.sub(lambda m: "\n" * m.group().count("\n"), text)))
+
+
 def mask_code(text: str) -> str:
-    """``text`` with code (fenced, inline), URLs and e-mail addresses blanked, positions kept."""
+    """``text`` with code (fenced, inline, unfenced lines), URLs and e-mail addresses blanked,
+    positions kept: the prose checks see prose only."""
     blank = lambda m: re.sub(r"[^\n]", " ", m.group())  # noqa: E731
-    return _URL_MAIL.sub(blank, _CODE.sub(blank, text))
+    text = _URL_MAIL.sub(blank, _CODE.sub(blank, text))
+    for m in code_lines(text):
+        text = text[: m.start()] + " " * len(m.group()) + text[m.end() :]
+    return text
 
 
 # --------------------------------------------------------------------------- per-field checks
@@ -229,8 +256,8 @@ def bracket_issues(text: str) -> list[BracketIssue]:
     stack: list[tuple[int, str]] = []
     issues: list[BracketIssue] = []
     for pos, ch in enumerate(text):
-        if pos in skip and ch in "()（）":
-            continue
+        if pos in skip and ch in "()（）" and not any(FAMILY.get(o, o) == "(" for _, o in stack):
+            continue  # "1)", ":)" with no parenthesis open: a list marker or a smiley
         if ch in PAIRS and not (ch == "“" and stack and stack[-1][1] == "“"):
             stack.append((pos, ch))
         elif ch in CLOSERS:
@@ -350,14 +377,14 @@ def check_text(rec: Rec, fld: str, text: str, japanese: bool, opts: CheckOptions
                 f"{what} {m.group()!r}: NFKC gives {unicodedata.normalize('NFKC', m.group())!r}",
                 m.start(),
             )
-    for block in _FENCE.finditer(text):
-        for c in _COMMENT.finditer(block.group(2)):
+    for block in code_blocks(text):
+        for c in _COMMENT.finditer(block):
             comment = next(g for g in c.groups() if g is not None).strip()
             if len(_LATIN.findall(comment)) >= 8 and not _JA.search(comment):
                 add(
                     "untranslated_comment",
                     f"code comment in English: {comment[:60]!r}",
-                    block.start(2) + c.start(),
+                    max(text.find(comment), 0),
                 )
 
 
