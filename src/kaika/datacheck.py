@@ -250,14 +250,16 @@ class BracketIssue:
 
 def bracket_issues(text: str) -> list[BracketIssue]:
     """Unbalanced and mixed-width brackets in ``text`` (already masked of code)."""
-    skip = {m.end() - 1 for m in _NOT_A_BRACKET.finditer(text)} | {
-        m.start() + 1 for m in _NOT_A_BRACKET.finditer(text)
-    }
+    # "1)" starting a line and smileys are never brackets; "、2)" mid-line is one only if a "(" is open.
+    always, maybe = set(), set()
+    for m in _NOT_A_BRACKET.finditer(text):
+        at_line_start = m.group()[0] not in ":;" and (m.start() == 0 or text[m.start() - 1] == "\n")
+        (always if at_line_start or m.group()[0] in ":;" else maybe).add(m.end() - 1)
     stack: list[tuple[int, str]] = []
     issues: list[BracketIssue] = []
     for pos, ch in enumerate(text):
-        if pos in skip and ch in "()（）" and not any(FAMILY.get(o, o) == "(" for _, o in stack):
-            continue  # "1)", ":)" with no parenthesis open: a list marker or a smiley
+        if pos in always or (pos in maybe and not any(FAMILY.get(o, o) == "(" for _, o in stack)):
+            continue
         if ch in PAIRS and not (ch == "“" and stack and stack[-1][1] == "“"):
             stack.append((pos, ch))
         elif ch in CLOSERS:
