@@ -162,6 +162,27 @@ def test_normal_run_then_nothing_sent_again(src, tmp_path, capsys):
             r[f] for r in read_out(out) for f in FIELDS
         ]
     assert "8/8 records translated" in capsys.readouterr().out
+    # a dry run over a new output now finds everything in the cache: nothing to pay
+    assert (
+        main(
+            [
+                "translate",
+                str(src),
+                "--output",
+                str(tmp_path / "new.jsonl"),
+                "--cache",
+                str(cache),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    total = sum(len(r[f]) for r in RECORDS for f in FIELDS if needs_translation(r[f]))
+    assert (
+        f"{'total':<12} {0:>20,}" in printed
+        and f"already in the cache (free): {total:,} characters" in printed
+    )
 
 
 @pytest.mark.slow
