@@ -359,3 +359,25 @@ def test_training_data_loading_ignores_provenance(src, tmp_path):
     assert len(train_records) == len(RECORDS)
     assert all(set(r) == set(FIELDS) for r in train_records)
     assert load_records([str(out)]) == train_records
+
+
+def test_columns_of_the_english_dolly_shape(tmp_path):
+    """Dolly's English file says context/response: mapped in, written out as input/output."""
+    dolly = [
+        {
+            "instruction": "Who wrote Hamlet?",
+            "context": "A play.",
+            "response": "Shakespeare.",
+            "category": "open_qa",
+        }
+    ]
+    src = write_jsonl(tmp_path / "dolly.jsonl", dolly)
+    out = tmp_path / "ja.jsonl"
+    with FakeDeepL() as server:
+        assert (
+            run_cli(server, src, out, tmp_path / "c.sqlite", "--columns", "input=context", "output=response")
+            == 0
+        )
+    (rec,) = read_out(out)
+    assert set(rec) == {*FIELDS, "category", PROVENANCE_KEY}
+    assert (rec["input"], rec["output"]) == (expected("A play."), expected("Shakespeare."))
