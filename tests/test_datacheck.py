@@ -15,10 +15,10 @@ from kaika.datacheck import (
     FixOptions,
     bracket_issues,
     check_files,
-    data_stats,
     fix_files,
     fix_text,
 )
+from kaika.datastats import data_stats
 from kaika.errors import KaikaError
 
 # Twenty clean Japanese records of similar length: the background every case is checked against.
