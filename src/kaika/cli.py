@@ -284,6 +284,34 @@ def run_serve(ns: argparse.Namespace) -> None:
         defaults=defaults,
     )
     serve(ns.adapters, options, ns.base_model, ns.base_name, ns.dtype, ns.template)
+# --------------------------------------------------------------------------- translate
+
+
+def add_translate(p: argparse.ArgumentParser) -> None:
+    from kaika.translate import TranslateArgs
+
+    p.add_argument("input", help="Alpaca-format JSON/JSONL file to translate")
+    add_dataclass_args(p, TranslateArgs)
+
+
+def run_translate(ns: argparse.Namespace) -> None:
+    from kaika.translate import TranslateArgs, print_result, translate_file
+
+    given = {k: v for k, v in vars(ns).items() if k in TranslateArgs.__dataclass_fields__}
+    print_result(translate_file(ns.input, from_dict(TranslateArgs, given, "translate options")))
+
+
+# --------------------------------------------------------------------------- data check / stats
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    from kaika.datacheck import add_data_commands
+
+    add_data_commands(p)
+
+
+def run_data(ns: argparse.Namespace) -> int | None:
+    return ns.data_run(ns)
 
 
 # --------------------------------------------------------------------------- table
@@ -302,6 +330,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "chat": ("Chat with base model + adapter in the terminal (streaming).", add_chat, run_chat),
     "webui": ("A web page (Gradio) to try base model + adapter.", add_webui, run_webui),
     "serve": ("An OpenAI-compatible HTTP API over a base model and its adapters.", add_serve, run_serve),
+    "translate": ("Translate Alpaca data with DeepL (cached, resumable).", add_translate, run_translate),
+    "data": ("Check instruction data for problems (check) or measure it (stats).", add_data, run_data),
 }
 
 
@@ -339,14 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.quiet)
     try:
-        ns.run(ns)
+        status = ns.run(ns)  # a command may return an exit status (data check: 1 when it fails)
     except KaikaError as e:
         print(f"kaika {ns.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 128 + signal number when a signal stopped training
     except KeyboardInterrupt:
         print(f"kaika {ns.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

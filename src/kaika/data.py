@@ -261,3 +261,11 @@ def split_records(
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
     return ([r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)])
+
+
+def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+    """``(where, raw record)`` of one source, unvalidated; read errors are appended to ``problems``.
+
+    For tools that look at records as they are (``kaika data check``, ``kaika translate``).
+    """
+    return _iter_source(source, problems)
