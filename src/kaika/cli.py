@@ -119,6 +119,8 @@ def run_sweep(ns: argparse.Namespace) -> None:
         raise KaikaError(f"every run failed ({', '.join(failed)}); see {output_dir}/results.md")
     if failed:
         print(f"sweep: failed runs: {', '.join(failed)} (errors in results.md)", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- pretrain
 
 
@@ -141,6 +143,8 @@ def run_pretrain(ns: argparse.Namespace) -> None:
         f"saved to {result.output_dir} — {result.global_step} steps, {result.tokens_seen} tokens, "
         f"train loss {result.train_loss:.4f}{held_part}, {result.train_seconds:.0f} s"
     )
+
+
 # --------------------------------------------------------------------------- eval
 
 
@@ -152,6 +156,8 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 def run_eval(ns: argparse.Namespace) -> None:
     ns.eval_run(ns)
+
+
 # --------------------------------------------------------------------------- merge / chat / webui / serve
 
 
@@ -284,6 +290,8 @@ def run_serve(ns: argparse.Namespace) -> None:
         defaults=defaults,
     )
     serve(ns.adapters, options, ns.base_model, ns.base_name, ns.dtype, ns.template)
+
+
 # --------------------------------------------------------------------------- translate
 
 
