@@ -173,6 +173,19 @@ class KaikaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.fast_loss = fast_loss if fast_loss.any and supports_fast_loss(self.model) else None
 
+    def _get_train_sampler(self, train_dataset=None):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # transformers groups over one process's accumulated batch, so the order would change with
+            # the number of processes; grouping over the global batch keeps a DDP run's data order that
+            # of one process with the same global batch.
+            sampler.batch_size = (
+                self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            )
+        return sampler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fast_loss is None or return_outputs or not model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
