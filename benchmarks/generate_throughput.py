@@ -1,0 +1,148 @@
+"""Generation speed: kaika's decoding against alpaca-lora's ``generate.py`` defaults, in one run.
+
+    .venv/bin/python benchmarks/generate_throughput.py [--sizes tiny 560m] [--new-tokens 64] [--json PATH]
+
+Both sides run the same base + LoRA adapter (unmerged, as ``kaika generate`` and ``kaika serve`` run
+it) on the same Japanese prompts in the ``alpaca_ja`` template:
+
+* ``alpaca-lora``: the recipe's defaults — beam search with 4 beams (temperature 0.1, top-p 0.75,
+  top-k 40 are set but unused without sampling), one prompt at a time, no streaming, so the first
+  token reaches the user when the whole answer does;
+* ``kaika``: kaika's defaults — greedy, streamed, one prompt at a time (``kaika generate``/``chat``/
+  ``serve``); time to first token is when the streamer receives it;
+* ``kaika-batch``: ``kaika generate --file`` — all prompts in one left-padded batch.
+
+Every answer is forced to the same length (``min_new_tokens = max_new_tokens``) so that tokens/s
+compares equal work. Models: ``tiny`` is the shipped ``bloom-ja-tiny``; ``560m`` has bloom-560m's
+exact dimensions with random weights (nothing downloaded) and the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+from kaika.builtin import builtin_model_path
+from kaika.prompts import load_template
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "examples" / "prompts_ja.jsonl"
+
+
+class FirstTokenClock(BaseStreamer):
+    """Records when the first generated token arrives (the first ``put`` carries the prompt)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first: float | None = None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def build(size: str):
+    path = builtin_model_path("bloom-ja-tiny")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if size == "tiny":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:  # bloom-560m's dimensions, random weights
+        torch.manual_seed(0)
+        model = BloomForCausalLM(BloomConfig(vocab_size=250_880, hidden_size=1024, n_layer=24, n_head=16))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query_key_value"]))
+    with torch.no_grad():  # a trained-looking adapter: B non-zero, so the LoRA path does real work
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return model.eval(), tokenizer
+
+
+def prompts(n: int) -> list[str]:
+    template = load_template("alpaca_ja")
+    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = (rows * n)[:n]
+    return [template.format(r["instruction"], r.get("input", "")) for r in rows]
+
+
+def run_variant(name: str, model, tokenizer, texts: list[str], new_tokens: int) -> dict:
+    common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if name == "alpaca-lora":
+        settings = dict(num_beams=4, temperature=0.1, top_p=0.75, top_k=40, do_sample=False)
+    else:
+        settings = dict(num_beams=1, do_sample=False)
+    ttfts, start = [], time.perf_counter()
+    with torch.no_grad():
+        if name == "kaika-batch":
+            tokenizer.padding_side = "left"
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            t0 = time.perf_counter()
+            model.generate(**enc, **common, **settings)
+            ttfts.append(time.perf_counter() - t0)  # batch mode writes answers when the batch is done
+        else:
+            for text in texts:
+                enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+                t0 = time.perf_counter()
+                clock = FirstTokenClock() if name == "kaika" else None
+                model.generate(**enc, **common, **settings, streamer=clock)
+                done = time.perf_counter()
+                ttfts.append((clock.first if clock else done) - t0)
+    seconds = time.perf_counter() - start
+    tokens = new_tokens * len(texts)
+    return {
+        "variant": name,
+        "answers": len(texts),
+        "new_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "time_to_first_token_s": round(sum(ttfts) / len(ttfts), 4),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "560m"], choices=["tiny", "560m"])
+    ap.add_argument("--prompts", type=int, default=4, help="Prompts per variant")
+    ap.add_argument("--new-tokens", type=int, default=64, help="Tokens generated per answer")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "generate-cpu.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+    for size in args.sizes:
+        model, tokenizer = build(size)
+        texts = prompts(args.prompts)
+        run_variant("kaika", model, tokenizer, texts[:1], 4)  # warm-up
+        rows = [
+            run_variant(v, model, tokenizer, texts, args.new_tokens)
+            for v in ("alpaca-lora", "kaika", "kaika-batch")
+        ]
+        base = rows[0]
+        print(f"\n{size}: {args.prompts} prompts × {args.new_tokens} new tokens")
+        print(f"{'variant':<12} {'tokens/s':>9} {'× base':>7} {'TTFT s':>8} {'× base':>7}")
+        for r in rows:
+            r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+            r["ttft_ratio"] = round(r["time_to_first_token_s"] / base["time_to_first_token_s"], 4)
+            print(
+                f"{r['variant']:<12} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} "
+                f"{r['time_to_first_token_s']:>8.3f} {r['ttft_ratio']:>7.3f}"
+            )
+        results[size] = rows
+        del model
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwritten {args.json}")
+
+
+if __name__ == "__main__":
+    main()
