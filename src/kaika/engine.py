@@ -52,21 +52,25 @@ class StopFilter:
         if self.stopped:
             return ""
         self.text += delta
-        cut, self.stopped = cut_at_stop(self.text, self.stop)
-        if self.stopped:
-            safe = len(cut)
-        else:
-            hold = max(
-                (k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0
-            )
-            safe = len(self.text) - hold
+        cut, hit = cut_at_stop(self.text, self.stop)
+        # Where a stop string could still begin: the text from there on is a proper prefix of one.
+        # A stop already found only counts once no longer stop can still start before it.
+        n = len(self.text)
+        pending = min(
+            (j for s in self.stop for j in range(max(0, n - len(s) + 1), n) if s.startswith(self.text[j:])),
+            default=n,
+        )
+        end = len(cut)
+        self.stopped = hit and pending >= end
+        safe = end if self.stopped else min(end, pending)
         out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
         return out
 
     def flush(self) -> str:
         if self.stopped:
             return ""
-        out, self.sent = self.text[self.sent :], len(self.text)
+        cut, self.stopped = cut_at_stop(self.text, self.stop)
+        out, self.sent = self.text[self.sent : len(cut)], len(self.text)
         return out
 
 
