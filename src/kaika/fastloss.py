@@ -21,11 +21,13 @@ Length-grouped batching is the Trainer's own ``train_sampling_strategy="group_by
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Trainer
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback
 
 from kaika.tokenize import IGNORE_INDEX
 
@@ -170,8 +172,10 @@ class KaikaTrainer(Trainer):
     prediction and models without ``logits_to_keep`` use the Trainer's own loss."""
 
     def __init__(self, *args, fast_loss: FastLoss = FastLoss(), **kwargs):
+        self._epoch_sampler: EpochLengthGroupedSampler | None = None
         super().__init__(*args, **kwargs)
         self.fast_loss = fast_loss if fast_loss.any and supports_fast_loss(self.model) else None
+        self.add_callback(_SamplerEpoch(self))
 
     def _get_train_sampler(self, train_dataset=None):
         from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -180,10 +184,14 @@ class KaikaTrainer(Trainer):
         if isinstance(sampler, LengthGroupedSampler):
             # transformers groups over one process's accumulated batch, so the order would change with
             # the number of processes; grouping over the global batch keeps a DDP run's data order that
-            # of one process with the same global batch.
-            sampler.batch_size = (
+            # of one process with the same global batch. Its shuffle also draws from the global RNG at
+            # the moment the epoch starts to iterate, which a mid-epoch resume cannot reproduce (the
+            # RNG is restored only after the skipped batches are drawn): the order is seeded per epoch.
+            global_batch = (
                 self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             )
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = self._epoch_sampler = EpochLengthGroupedSampler(global_batch, sampler.lengths, seed)
         return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -199,3 +207,39 @@ class KaikaTrainer(Trainer):
             return loss
         # No global count: the Trainer's rule for such models, mean per micro-batch, divided by the accumulation.
         return loss_sum / count.clamp(min=1)
+
+
+class EpochLengthGroupedSampler(Sampler):
+    """transformers' length grouping (shuffle, then sort by length inside mega-batches) with an
+    order that depends only on (seed, epoch): every process, and a run resumed in the middle of
+    an epoch, sees the same order as an uninterrupted single-process run."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed = batch_size, lengths, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Tells the sampler which epoch starts. accelerate forwards ``set_epoch`` only through some of
+    its data loader wrappers (not through a skip-batches wrapper around a sharded one), so the
+    Trainer's own epoch counter is the source: a resumed run's state.epoch is mid-epoch (2.5 →
+    epoch 2), a fresh epoch starts at the previous one's exact end (2.0)."""
+
+    def __init__(self, trainer: KaikaTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._epoch_sampler is not None:
+            self.trainer._epoch_sampler.set_epoch(math.floor(state.epoch or 0))
