@@ -17,7 +17,7 @@ Variants:
                 the batch (multiple of 8, left, as alpaca-lora sets it), uniformly shuffled batches,
                 the model's own loss over full-vocabulary logits
   kaika         kaika's defaults: logits at labelled positions only, chunked fused cross-entropy,
-                length-grouped batches
+                length-grouped batches, fused (SDPA) attention with ALiBi as an additive bias
   kaika-*       kaika with one lever off
 
 Tokens: text is tokenized with kaika's builtin byte-level BPE (8,192 ids, trained on Japanese
@@ -61,15 +61,17 @@ class Variant:
     group_by_length: bool
     padding_side: str = "right"
     gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # kaika's fused BLOOM attention (kaika.attention); "eager": transformers' own
 
 
 VARIANTS = {
-    "baseline": Variant(False, False, False, False, padding_side="left"),
+    "baseline": Variant(False, False, False, False, padding_side="left", attention="eager"),
     "kaika": Variant(True, True, True, True),
     "kaika-no-grouping": Variant(True, True, True, False),
     "kaika-no-chunks": Variant(True, True, False, True),
     "kaika-all-positions": Variant(True, False, True, True),
     "kaika-plain-loss": Variant(False, False, False, True),
+    "kaika-eager-attention": Variant(True, True, True, True, attention="eager"),
     "kaika-checkpointing": Variant(True, True, True, True, gradient_checkpointing=True),
 }
 # What a plain run measures: kaika-checkpointing trades time for memory and is opt-in (--variants).
@@ -329,6 +331,7 @@ def child(spec: dict) -> None:
         set_seed,
     )
 
+    from kaika.attention import set_attention
     from kaika.fastloss import FastLoss, KaikaTrainer
 
     variant = VARIANTS[spec["variant"]]
@@ -351,6 +354,7 @@ def child(spec: dict) -> None:
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query_key_value"], task_type="CAUSAL_LM"
     )
+    set_attention(model, variant.attention)
     if variant.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

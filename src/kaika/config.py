@@ -48,6 +48,11 @@ class ModelArgs:
         "none", "Load the base quantized with bitsandbytes: none, 8bit or 4bit (CUDA only)."
     )
     trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")
+    attention: str = _f(
+        "sdpa",
+        "BLOOM attention: sdpa (PyTorch's fused kernel with ALiBi as an additive bias; far less "
+        "memory in training) or eager (transformers' own). Other models use transformers' default.",
+    )
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kaika.attention import ATTENTION_CHOICES, set_attention
 from kaika.builtin import BUILTIN_MODELS, SHIPPED_MODELS, builtin_model_path
 from kaika.config import ModelArgs
 from kaika.errors import KaikaError
@@ -136,6 +137,8 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_source(args)
+    if args.attention not in ATTENTION_CHOICES:
+        raise KaikaError(f"unknown attention {args.attention!r}; use one of {', '.join(ATTENTION_CHOICES)}")
     dtype = resolve_dtype(args.dtype)
     quant = quantization_config(args, dtype)
     if quant is not None and device_map is None:
@@ -152,6 +155,7 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
     except (OSError, ValueError) as e:
         raise _load_error("model", source, e) from None
     _drop_gguf_quantizer(model)
+    set_attention(model, args.attention)  # BLOOM only; others keep transformers' choice
     model.eval()
     return model
 
