@@ -62,6 +62,7 @@ class Variant:
     padding_side: str = "right"
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # kaika's fused BLOOM attention (kaika.attention); "eager": transformers' own
+    packing: bool = False  # whole examples packed into rows of up to cutoff_len (micro batch counts rows)
 
 
 VARIANTS = {
@@ -72,10 +73,12 @@ VARIANTS = {
     "kaika-all-positions": Variant(True, False, True, True),
     "kaika-plain-loss": Variant(False, False, False, True),
     "kaika-eager-attention": Variant(True, True, True, True, attention="eager"),
+    "kaika-packing": Variant(True, True, True, True, packing=True),
     "kaika-checkpointing": Variant(True, True, True, True, gradient_checkpointing=True),
 }
-# What a plain run measures: kaika-checkpointing trades time for memory and is opt-in (--variants).
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "kaika-checkpointing"]
+# What a plain run measures: kaika-checkpointing trades time for memory, and kaika-packing puts more
+# tokens in each micro batch (its memory is not comparable at the same micro batch): opt-in (--variants).
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("kaika-checkpointing", "kaika-packing")]
 
 
 # --------------------------------------------------------------------------- parent
@@ -121,6 +124,7 @@ def main(argv=None) -> None:
                 "steps": args.steps,
                 "warmup": args.warmup,
                 "micro_batch": args.micro_batch,
+                "cutoff_len": args.cutoff_len,
                 "seed": args.seed,
                 "device": device,
                 "dtype": dtype,
@@ -300,17 +304,17 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def step_flops(cfg, attention_mask, labels) -> float:
+def step_flops(cfg, lengths, labels) -> float:
     """Useful FLOPs of one LoRA step (frozen base): the same formula for every variant.
 
     Per real token: forward 2·P through the body's linear layers (P = 12·L·h²) and 4·L·h·n in attention
-    over its row's n real tokens; backward to activations costs the same again for the linear layers
+    over the n real tokens it may attend to (its row, or its example in a packed row); backward to activations costs the same again for the linear layers
     (no weight gradients) and twice for attention. Per supervised token: the output layer, 2·V·h
     forward and 2·V·h backward. Pad positions and logits nobody needs are not useful work.
     """
     layers, h, vocab = cfg.n_layer, cfg.hidden_size, cfg.vocab_size
     body = 12 * layers * h * h
-    n = attention_mask.sum(1).double()  # real tokens per row
+    n = lengths.double()  # real tokens per attention block (row, or packed example)
     real = float(n.sum())
     attention = float((n * n).sum()) * 4 * layers * h
     supervised = float((labels[:, 1:] != -100).sum())
@@ -333,6 +337,7 @@ def child(spec: dict) -> None:
 
     from kaika.attention import set_attention
     from kaika.fastloss import FastLoss, KaikaTrainer
+    from kaika.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
 
     variant = VARIANTS[spec["variant"]]
     work = Path(spec["work"])
@@ -401,20 +406,42 @@ def child(spec: dict) -> None:
         """Records what each micro-batch holds, as the model sees it."""
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            mask, labels = inputs["attention_mask"], inputs["labels"]
+            labels = inputs["labels"]
+            if "attention_mask" in inputs:
+                mask = inputs["attention_mask"]
+                lengths = mask.sum(1)
+            else:  # packed rows: the collator's padding is the last segment of each row
+                mask = inputs.pop("real_mask")
+                blocks = []
+                for pos, r in zip(inputs["position_ids"], mask.sum(1).tolist(), strict=True):
+                    starts = [*(pos[:r] == 0).nonzero()[:, 0].tolist(), r]
+                    blocks += [b - a for a, b in zip(starts, starts[1:], strict=False)]
+                lengths = torch.tensor(blocks)
             steps[-1].update(
                 padded=mask.numel(),
                 real=int(mask.sum()),
                 supervised=int((labels[:, 1:] != -100).sum()),
-                flops=step_flops(config, mask, labels),
+                flops=step_flops(config, lengths, labels),
             )
             return super().training_step(model, inputs, num_items_in_batch)
+
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100)
+    if variant.packing:
+        feats = pack_examples(feats, spec["cutoff_len"])
+        enable_packed_attention(model)
+        packed = PackedExamplesCollator(tokenizer.pad_token_id)
+
+        def collator(rows):
+            batch = packed(rows)
+            length = torch.tensor([len(r["input_ids"]) for r in rows])
+            batch["real_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < length[:, None]).long()
+            return batch
 
     common = dict(
         model=model,
         args=args,
         train_dataset=feats,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=[Clock()],
     )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import build_model, seed_records
+from kaika.attention import set_attention
 from kaika.fastloss import FastLoss, KaikaTrainer, LinearCrossEntropy, causal_lm_loss_sum
 from kaika.prompts import load_template
 from kaika.tokenize import IGNORE_INDEX, encode_records
@@ -56,11 +57,14 @@ def tiny(tmp_path_factory, ja_tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("arch", "levers"),
-    [("bloom", levers) for levers in LEVERS] + [("llama", FastLoss())],
+    ("arch", "levers", "attention"),
+    [("bloom", levers, "eager") for levers in LEVERS]
+    + [("bloom", FastLoss(), "sdpa"), ("llama", FastLoss(), "eager")],
     ids=lambda x: x if isinstance(x, str) else f"labels{int(x.label_positions_only)}-chunks{int(x.chunked)}",
 )
-def test_loss_and_lora_grads_equal_full_logits(tiny, ja_tokenizer, arch, levers):
+def test_loss_and_lora_grads_equal_full_logits(tiny, ja_tokenizer, arch, levers, attention):
+    """The baseline is transformers' own: eager attention, full logits. The ``sdpa`` case is all of
+    kaika's defaults at once (fused attention too) against it."""
     model = lora_model(tiny[arch]).train()
     batch = collate(ja_tokenizer, features(ja_tokenizer, 4))
     assert (batch["labels"] == IGNORE_INDEX).float().mean() > 0.2  # prompt and padding are masked
@@ -68,6 +72,8 @@ def test_loss_and_lora_grads_equal_full_logits(tiny, ja_tokenizer, arch, levers)
     want = model(**batch).loss  # transformers: full [B, T, V] logits, mean over supervised tokens
     want.backward()
     want_grads = lora_grads(model)
+    if attention == "sdpa":
+        assert set_attention(model, "sdpa") > 0
 
     # 7 rows per chunk: several chunks and a ragged last one.
     loss_sum, count = causal_lm_loss_sum(model, batch, levers, chunk_bytes=7 * 4 * len(ja_tokenizer))

@@ -244,3 +244,25 @@ def test_quantized_models_load_whole_onto_each_ranks_own_gpu(monkeypatch):
     for rank in ("0", "1", "3"):
         monkeypatch.setenv("LOCAL_RANK", rank)
         assert quantized_device_map() == {"": int(rank)}  # never "auto", never another rank's GPU
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "extra"),
+    [
+        ("ddp.yaml", "MULTI_GPU", {}),
+        ("fsdp.yaml", "FSDP", {"fsdp_version": 2, "fsdp_transformer_layer_cls_to_wrap": "BloomBlock"}),
+        ("deepspeed_zero2.yaml", "DEEPSPEED", {"zero_stage": 2}),
+        ("deepspeed_zero3.yaml", "DEEPSPEED", {"zero_stage": 3}),
+    ],
+)
+def test_shipped_accelerate_configs_load_with_accelerates_own_loader(name, kind, extra):
+    # Only DDP runs here (test_scaling.py); the others need GPUs. accelerate's loader rejects
+    # unknown keys, so a misspelt key in a shipped file fails here rather than on a cluster.
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / name))
+    assert config.distributed_type.name == kind and config.num_processes == 2
+    section = config.fsdp_config if kind == "FSDP" else config.deepspeed_config
+    for key, value in extra.items():
+        assert section[key] == value, key
+    assert config.mixed_precision == "no"  # precision comes from kaika's --dtype, not the launcher

@@ -233,7 +233,7 @@ def test_pretrain_from_scratch_saves_verifies_and_reloads(tmp_path):
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == 600 and tok.eos_token_id == 2
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -131,6 +131,12 @@ class TrainArgs:
         True,
         "Batch examples of similar length together (less padding, faster); off: uniformly shuffled batches.",
     )
+    packing: bool = _f(
+        False,
+        "Pack several whole examples into each row of up to cutoff_len tokens, attention kept inside "
+        "each example (on BLOOM, ALiBi restarts per example): almost no padding. batch_size and "
+        "micro_batch_size then count rows, not examples.",
+    )
 
 
 @dataclass

@@ -107,6 +107,73 @@ class PackedCollator:
         return {k: torch.tensor([r[k] for r in rows], dtype=torch.long) for k in keys}
 
 
+# --------------------------------------------------------------------------- instruction examples
+
+
+def pack_examples(features: list[dict[str, list[int]]], cutoff_len: int) -> list[dict[str, list[int]]]:
+    """Pack whole tokenized instruction examples into rows of at most ``cutoff_len`` tokens.
+
+    Best-fit decreasing: examples, longest first, each go into the row with the least room that
+    still holds them (no example is split, so none loses its EOS). Each row carries
+    ``position_ids`` restarting at 0 per example, which :func:`enable_packed_attention` turns into
+    block-diagonal attention. The first label of every example is ignored: it would be predicted
+    from the previous example's EOS (with the prompt masked it is ignored already). So a packed
+    row's summed loss is exactly the sum of its examples' losses run one by one.
+    """
+    import bisect
+
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    rows: list[list[int]] = []  # example indices per row
+    room: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for i in order:
+        n = len(features[i]["input_ids"])
+        if n > cutoff_len:
+            raise KaikaError(f"example {i} has {n} tokens, more than cutoff_len {cutoff_len}")
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            rows.append([i])
+            free, row = cutoff_len - n, len(rows) - 1
+        else:
+            free, row = room.pop(at)
+            rows[row].append(i)
+            free -= n
+        if free > 0:
+            bisect.insort(room, (free, row))
+    packed = []
+    for members in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            f = features[i]
+            ids += f["input_ids"]
+            labels += [IGNORE_INDEX, *f["labels"][1:]]
+            positions += range(len(f["input_ids"]))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
+class PackedExamplesCollator:
+    """Batches rows of :func:`pack_examples` (or plain examples: one segment each), padded on the
+    right to the longest row (a multiple of ``pad_to_multiple_of``). The padding is a segment of its
+    own with ignored labels, and no ``attention_mask`` is passed: the segments are the mask."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
+        self.pad_id, self.multiple = pad_id, pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        length = -(-longest // self.multiple) * self.multiple
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for r in rows:
+            n, fill = len(r["input_ids"]), length - len(r["input_ids"])
+            batch["input_ids"].append([*r["input_ids"], *[self.pad_id] * fill])
+            batch["labels"].append([*r["labels"], *[IGNORE_INDEX] * fill])
+            positions = list(r.get("position_ids") or range(n))
+            batch["position_ids"].append([*positions, *range(fill)])
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
 # --------------------------------------------------------------------------- BLOOM
 
 

@@ -32,6 +32,7 @@ from kaika.models import (
     resolve_dtype,
     resolve_source,
 )
+from kaika.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
 from kaika.prompts import TEMPLATE_FILE, PromptTemplate, load_template
 from kaika.qkv import check_block_structure
 from kaika.tokenize import IGNORE_INDEX, DataReport, encode_records, resolve_pad_token
@@ -67,7 +68,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     resolve_pad_token(tokenizer)
     train_set, val_set, report = tokenize_data(cfg, template, tokenizer, train_records, val_records)
     model = build_model(cfg, source)
-    trainer = fit(cfg, model, tokenizer, train_set, val_set, out)
+    rows, collator = (
+        pack_for_training(cfg, model, tokenizer, train_set) if cfg.train.packing else (train_set, None)
+    )
+    trainer = fit(cfg, model, tokenizer, rows, val_set, out, data_collator=collator)
     result = save_and_verify(cfg, trainer, tokenizer, template, report, source, train_set, out)
     log.info(
         "done: adapter in %s (%d steps, %.0f s, %.0f tokens/s)",
@@ -149,6 +153,23 @@ def build_model(cfg: TrainConfig, source: ModelSource):
     model = load_model(cfg.model, source)
     set_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same seed, same initial adapter
     return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+
+
+def pack_for_training(cfg: TrainConfig, model, tokenizer, train_set):
+    """--packing: whole examples into rows of up to cutoff_len tokens, attention kept per example."""
+    rows = pack_examples(train_set, cfg.data.cutoff_len)
+    enable_packed_attention(model)
+    tokens = sum(len(f["input_ids"]) for f in train_set)
+    log.info(
+        "packing: %d examples into %d rows of up to %d tokens (%.1f examples per row, rows %.0f%% full); "
+        "batch sizes count rows",
+        len(train_set),
+        len(rows),
+        cfg.data.cutoff_len,
+        len(train_set) / len(rows),
+        100 * tokens / (len(rows) * cfg.data.cutoff_len),
+    )
+    return rows, PackedExamplesCollator(tokenizer.pad_token_id)
 
 
 def gradient_accumulation(args: TrainArgs, world_size: int) -> int:
