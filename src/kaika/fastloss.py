@@ -31,8 +31,10 @@ from transformers import Trainer, TrainerCallback
 
 from kaika.tokenize import IGNORE_INDEX
 
-# Logits held at once by the chunked loss (fp32 bytes): ~130 rows of BLOOM's 250,880-token vocabulary.
-CHUNK_BYTES = 128 * 2**20
+# Logits held at once by the chunked loss (fp32 bytes): ~270 rows of BLOOM's 250,880-token vocabulary.
+# Measured at bloom-560m dimensions on CPU (docs/performance.md): 128 MiB chunks were slower and no
+# smaller at peak (activations set the peak); 512 MiB raised it by ~0.7 GiB.
+CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = torch.nn.functional.linear(h, weight, bias).to(acc)
             valid = t != IGNORE_INDEX
             safe_t = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            # logsumexp and softmax from one exp pass, in place: the (n, V) block is the only one held
+            # (torch.logsumexp would allocate a second, and the softmax would exponentiate again).
+            peak = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(peak).exp_().sum(dim=-1)  # (n,)
+            lse = peak.squeeze(1) + sums.log()
             total += ((lse - picked) * valid).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows; in place on the logits.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits = logits.div_(sums[:, None])
             grad_logits[torch.arange(end - start, device=t.device), safe_t] -= 1.0
             grad_logits *= valid[:, None]
             if grad_hidden is not None:
