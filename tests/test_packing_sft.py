@@ -113,7 +113,7 @@ def test_train_with_packing_end_to_end(tmp_path, caplog):
         4,
         1,
     )
-    t.eval_steps, t.packing = 2, True
+    t.eval_steps, cfg.data.packing = 2, True
     with caplog.at_level(logging.INFO, logger="kaika"):
         result = train(cfg)
     assert result.global_step == 4

@@ -74,6 +74,12 @@ class DataArgs:
         "alpaca_ja", "Prompt template: a builtin name (alpaca, alpaca_ja) or a path to a template JSON."
     )
     cutoff_len: int = _f(512, "Maximum tokens per example; longer responses are truncated (EOS kept).")
+    packing: bool = _f(
+        False,
+        "Pack several whole examples into each row of up to cutoff_len tokens, attention kept inside "
+        "each example (on BLOOM, ALiBi restarts per example): almost no padding. batch_size and "
+        "micro_batch_size then count rows, not examples.",
+    )
     train_on_inputs: bool = _f(
         False, "Also train on the prompt tokens (default: only the response is supervised)."
     )
@@ -130,12 +136,6 @@ class TrainArgs:
     group_by_length: bool = _f(
         True,
         "Batch examples of similar length together (less padding, faster); off: uniformly shuffled batches.",
-    )
-    packing: bool = _f(
-        False,
-        "Pack several whole examples into each row of up to cutoff_len tokens, attention kept inside "
-        "each example (on BLOOM, ALiBi restarts per example): almost no padding. batch_size and "
-        "micro_batch_size then count rows, not examples.",
     )
 
 

@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback
 from kaika.tokenize import IGNORE_INDEX
 
 # Logits held at once by the chunked loss (fp32 bytes): ~270 rows of BLOOM's 250,880-token vocabulary.
-# Measured at bloom-560m dimensions on CPU (docs/performance.md): 128 MiB chunks were slower and no
+# Measured at bloom-560m dimensions on CPU (docs/performance.md): 128 MiB chunks were no faster and no
 # smaller at peak (activations set the peak); 512 MiB raised it by ~0.7 GiB.
 CHUNK_BYTES = 256 * 2**20
 

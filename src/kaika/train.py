@@ -69,7 +69,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_set, val_set, report = tokenize_data(cfg, template, tokenizer, train_records, val_records)
     model = build_model(cfg, source)
     rows, collator = (
-        pack_for_training(cfg, model, tokenizer, train_set) if cfg.train.packing else (train_set, None)
+        pack_for_training(cfg, model, tokenizer, train_set) if cfg.data.packing else (train_set, None)
     )
     trainer = fit(cfg, model, tokenizer, rows, val_set, out, data_collator=collator)
     result = save_and_verify(cfg, trainer, tokenizer, template, report, source, train_set, out)
