@@ -10,10 +10,15 @@ it) on the same Japanese prompts in the ``alpaca_ja`` template:
   token reaches the user when the whole answer does;
 * ``kaika``: kaika's defaults — greedy, streamed, one prompt at a time (``kaika generate``/``chat``/
   ``serve``); time to first token is when the streamer receives it;
-* ``kaika-batch``: ``kaika generate --file`` — all prompts in one left-padded batch.
+* ``kaika-batch``: ``kaika generate --file`` — all prompts in one left-padded batch;
+* ``kaika-serve``: ``kaika serve`` in its own process (uvicorn), the same adapter saved to disk and
+  loaded as ``serve`` loads it, asked through the official ``openai`` client with
+  ``/v1/completions``, ``stream: true``, one request at a time; time to first token is when the
+  first text chunk reaches the client, tokens are the server's ``usage.completion_tokens``.
 
-Every answer is forced to the same length (``min_new_tokens = max_new_tokens``) so that tokens/s
-compares equal work. Models: ``tiny`` is the shipped ``bloom-ja-tiny``; ``560m`` has bloom-560m's
+Every in-process answer is forced to the same length (``min_new_tokens = max_new_tokens``) so that
+tokens/s compares equal work; the OpenAI API has no such knob, so ``kaika-serve`` counts the tokens
+the server reports (an answer that ends at EOS is shorter, and its tokens/s is still per token). Models: ``tiny`` is the shipped ``bloom-ja-tiny``; ``560m`` has bloom-560m's
 exact dimensions with random weights (nothing downloaded) and the same tokenizer.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,12 +116,99 @@ def run_variant(name: str, model, tokenizer, texts: list[str], new_tokens: int) 
     }
 
 
+def run_serve(size: str, model, tokenizer, texts: list[str], new_tokens: int, work: Path) -> dict:
+    """``kaika serve`` on the same base + adapter, asked over HTTP with the official client."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from openai import OpenAI
+
+    if size == "tiny":
+        base = builtin_model_path("bloom-ja-tiny")
+    else:  # the same random weights as build(): same seed, same construction
+        base = work / "base-560m"
+        torch.manual_seed(0)
+        BloomForCausalLM(
+            BloomConfig(vocab_size=250_880, hidden_size=1024, n_layer=24, n_head=16)
+        ).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+    adapter = work / f"adapter-{size}"
+    model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kaika",
+        "serve",
+        str(adapter),
+        "--port",
+        str(port),
+        "--template",
+        "alpaca_ja",
+    ]
+    server = subprocess.Popen(
+        cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"kaika serve did not start:\n{server.stderr.read()[-2000:]}"
+                    ) from None
+                time.sleep(0.5)
+        name = adapter.name  # serve names a bare adapter directory after itself
+        client.completions.create(model=name, prompt=texts[0], max_tokens=4, temperature=0)  # warm-up
+        ttfts, tokens, start = [], 0, time.perf_counter()
+        for text in texts:
+            t0, first = time.perf_counter(), None
+            stream = client.completions.create(
+                model=name,
+                prompt=text,
+                max_tokens=new_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].text:
+                    first = time.perf_counter()
+                if chunk.usage is not None:
+                    tokens += chunk.usage.completion_tokens
+            ttfts.append((first or time.perf_counter()) - t0)
+        seconds = time.perf_counter() - start
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return {
+        "variant": "kaika-serve",
+        "answers": len(texts),
+        "new_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "time_to_first_token_s": round(sum(ttfts) / len(ttfts), 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "560m"], choices=["tiny", "560m"])
     ap.add_argument("--prompts", type=int, default=4, help="Prompts per variant")
     ap.add_argument("--new-tokens", type=int, default=64, help="Tokens generated per answer")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "generate-cpu.json"))
+    ap.add_argument("--no-serve", action="store_true", help="Skip the kaika serve (HTTP) variant")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
@@ -127,6 +220,9 @@ def main() -> None:
             run_variant(v, model, tokenizer, texts, args.new_tokens)
             for v in ("alpaca-lora", "kaika", "kaika-batch")
         ]
+        if not args.no_serve:
+            with tempfile.TemporaryDirectory(prefix="kaika-gen-bench-") as work:
+                rows.append(run_serve(size, model, tokenizer, texts, args.new_tokens, Path(work)))
         base = rows[0]
         print(f"\n{size}: {args.prompts} prompts × {args.new_tokens} new tokens")
         print(f"{'variant':<12} {'tokens/s':>9} {'× base':>7} {'TTFT s':>8} {'× base':>7}")
