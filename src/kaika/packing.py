@@ -21,6 +21,7 @@ whole row, EOS the only separator, every token after the first a target.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,8 +121,6 @@ def pack_examples(features: list[dict[str, list[int]]], cutoff_len: int) -> list
     from the previous example's EOS (with the prompt masked it is ignored already). So a packed
     row's summed loss is exactly the sum of its examples' losses run one by one.
     """
-    import bisect
-
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     rows: list[list[int]] = []  # example indices per row
     room: list[tuple[int, int]] = []  # (free tokens, row index), sorted
