@@ -36,8 +36,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from kaika.builtin import builtin_model_path
-from kaika.prompts import load_template
+from kaika.data.prompts import load_template
+from kaika.modeling.builtin import builtin_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "examples" / "prompts_ja.jsonl"

@@ -61,7 +61,9 @@ class Variant:
     group_by_length: bool
     padding_side: str = "right"
     gradient_checkpointing: bool = False
-    attention: str = "sdpa"  # kaika's fused BLOOM attention (kaika.attention); "eager": transformers' own
+    attention: str = (
+        "sdpa"  # kaika's fused BLOOM attention (kaika.modeling.attention); "eager": transformers' own
+    )
     packing: bool = False  # whole examples packed into rows of up to cutoff_len (micro batch counts rows)
 
 
@@ -204,10 +206,10 @@ def gemm_rate(device: str, dtype: str) -> float:
 
 def prepare_data(args, work: Path) -> dict:
     """A fixed random sample of records, encoded once by kaika (prompt masked, EOS kept) for all variants."""
-    from kaika.builtin import train_tokenizer
-    from kaika.data import load_records
-    from kaika.prompts import load_template
-    from kaika.tokenize import encode_records
+    from kaika.data.prompts import load_template
+    from kaika.data.records import load_records
+    from kaika.data.tokenize import encode_records
+    from kaika.modeling.builtin import train_tokenizer
 
     records = load_records([args.data])
     sample = random.Random(args.seed).sample(records, min(args.records, len(records)))
@@ -335,9 +337,10 @@ def child(spec: dict) -> None:
         set_seed,
     )
 
-    from kaika.attention import set_attention
-    from kaika.fastloss import FastLoss, KaikaTrainer
-    from kaika.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
+    from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
+    from kaika.modeling.attention import set_attention
+    from kaika.training.loss import FastLoss
+    from kaika.training.trainer import KaikaTrainer
 
     variant = VARIANTS[spec["variant"]]
     work = Path(spec["work"])

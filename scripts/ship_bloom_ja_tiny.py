@@ -36,7 +36,7 @@ def main(run: str, commit: str, command: str, wall_minutes: str) -> None:
         params = sum(f.get_tensor(k).numel() for k in f.keys())  # noqa: SIM118
     train, held = report["train"], report["heldout"]
     from kaika.config import PretrainConfig, from_dict, load_yaml
-    from kaika.pretrain import read_documents
+    from kaika.training.pretrain import read_documents
 
     cfg = from_dict(PretrainConfig, load_yaml(run_dir / "kaika_pretrain.yaml"))
     held_chars = sum(len(d) for d in read_documents(cfg.pretrain.val_data, cfg.pretrain.text_field))

@@ -16,9 +16,10 @@ def make_adapter(
 ) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from kaika.config import CONFIG_FILE, TrainConfig, save_yaml
-    from kaika.models import load_model, load_tokenizer
-    from kaika.prompts import TEMPLATE_FILE, load_template
+    from kaika.config import TrainConfig, save_yaml
+    from kaika.data.prompts import load_template
+    from kaika.modeling.load import load_model, load_tokenizer
+    from kaika.rundir import CONFIG_FILE, TEMPLATE_FILE
 
     cfg = TrainConfig()
     cfg.model.base_model, cfg.data.template, cfg.data.data = base_model, template, [str(SEED_TASKS)]

@@ -20,6 +20,6 @@ def _kaika_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ja_tokenizer():
     """The real byte-level BPE tokenizer of the builtin tiny-bloom-ja (trained on shipped text)."""
-    from kaika.builtin import train_tokenizer
+    from kaika.modeling.builtin import train_tokenizer
 
     return train_tokenizer()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 SEED_TASKS = Path(__file__).resolve().parents[1] / "data" / "alpaca_jp_seed_tasks" / "seed_tasks_ja.jsonl"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ELYZA_TASKS = Path(__file__).resolve().parents[1] / "data" / "elyza_tasks_100"  # shipped, CC BY-SA 4.0
 
 
 def seed_records(n: int | None = None, max_chars: int | None = None) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ import pytest
 from kaika.atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PREFIX, adapter_problem, staged_output
 from kaika.cli import main
 from kaika.errors import KaikaError
-from kaika.generate import check_adapter_dir
+from kaika.rundir import check_adapter_dir
 
 
 @pytest.fixture(scope="module")

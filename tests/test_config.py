@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from kaika.cli import build_parser
-from kaika.config import TrainConfig, load_train_config, namespace_overrides, resolve_train_config, save_yaml
+from kaika.cli.options import namespace_overrides
+from kaika.config import TrainConfig, load_train_config, resolve_train_config, save_yaml
 from kaika.errors import KaikaError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -117,7 +118,7 @@ def test_bad_config_is_a_message(tmp_path, text, message):
 )
 def test_default_lora_targets(model_type, targets):
     from kaika.config import LoraArgs
-    from kaika.lora import resolve_targets
+    from kaika.modeling.lora import resolve_targets
 
     assert resolve_targets(LoraArgs(), model_type) == targets
     assert resolve_targets(LoraArgs(target=["all-linear"]), model_type) == "all-linear"
@@ -128,3 +129,60 @@ def test_default_lora_targets(model_type, targets):
     ]
     with pytest.raises(KaikaError, match="no default LoRA target"):
         resolve_targets(LoraArgs(), "some_new_arch")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: {scheduler: cosin}\n", "c.yaml.train.scheduler: 'cosin' is not one of linear, cosine"),
+        ("model: {attention: flash}\n", "c.yaml.model.attention: 'flash' is not one of sdpa, eager"),
+        ("model: {dtype: fp8}\n", "c.yaml.model.dtype: 'fp8' is not one of auto, float32"),
+        ("lora: {bias: weird}\n", "c.yaml.lora.bias: 'weird' is not one of none, all, lora_only"),
+        ("train: {lr: -0.001}\n", "c.yaml.train.lr: must be > 0, got -0.001"),
+        ("train: {lr: .nan}\n", "c.yaml.train.lr: expected a finite number"),
+        ("train: {micro_batch_size: 0}\n", "c.yaml.train.micro_batch_size: must be >= 1, got 0"),
+        ("lora: {dropout: 1.5}\n", "c.yaml.lora.dropout: must be < 1, got 1.5"),
+        ("data: {cutoff_len: 1}\n", "c.yaml.data.cutoff_len: must be >= 2, got 1"),
+    ],
+)
+def test_choices_and_bounds_fail_when_the_config_is_built(tmp_path, text, message):
+    """Before any data is read or model loaded: the config object cannot even be made."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(KaikaError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_train_config(path)
+
+
+def test_python_built_configs_are_checked_too():
+    from kaika.config import ModelArgs, TrainArgs, check
+
+    with pytest.raises(KaikaError, match="TrainArgs.scheduler: 'cosin' is not one of"):
+        TrainArgs(scheduler="cosin")
+    cfg = TrainConfig()
+    cfg.model = ModelArgs()
+    cfg.train.lr = 0.0  # assigned after building: train() checks again before reading data
+    with pytest.raises(KaikaError, match="TrainConfig.train.lr: must be > 0"):
+        check(cfg)
+
+
+def test_choices_become_argparse_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "--scheduler", "cosin"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'cosin'" in capsys.readouterr().err
+
+
+def test_every_scheduler_choice_builds_a_schedule():
+    """The Scheduler choices are exactly those transformers builds from a name alone."""
+    import typing
+
+    import torch
+    from transformers import get_scheduler
+
+    from kaika.config import Scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for name in typing.get_args(Scheduler):
+        schedule = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+        optimizer.step()
+        schedule.step()

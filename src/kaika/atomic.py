@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kaika.errors import KaikaError
 
@@ -133,17 +134,27 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def read_marker(path: Path, missing: str = "is missing") -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON object that marks a save as complete (an adapter's config, a checkpoint's state):
+    ``(data, None)``, or ``(None, why it cannot be trusted)``."""
+    if not path.is_file():
+        return None, f"{path.name} {missing}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path.name} is unreadable ({e})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a JSON object"
+    return data, None
+
+
 def adapter_problem(adapter_dir: Path) -> str | None:
     """What makes ``adapter_dir`` unusable as a PEFT adapter, or None when it looks complete."""
     if not adapter_dir.is_dir():
         return f"{adapter_dir} does not exist or is not a directory"
-    config = adapter_dir / ADAPTER_CONFIG
-    if not config.is_file():
-        return f"{ADAPTER_CONFIG} is missing"
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"{ADAPTER_CONFIG} is unreadable ({e})"
-    if not isinstance(data, dict) or "peft_type" not in data:
+    data, problem = read_marker(adapter_dir / ADAPTER_CONFIG)
+    if problem:
+        return problem
+    if "peft_type" not in data:
         return f"{ADAPTER_CONFIG} is not a PEFT adapter config (no peft_type)"
     return safetensors_problem(adapter_dir / ADAPTER_WEIGHTS)

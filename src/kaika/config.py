@@ -1,54 +1,133 @@
 """Typed configuration: dataclasses that are at once the YAML schema and the command line.
 
 Every field has a one-line ``help``. A field ``train.epochs`` is set by ``epochs:`` under
-``train:`` in YAML, by ``--epochs`` and by ``--train.epochs`` on the command line. Sections
-listed in ``FLAG_PREFIX`` put a prefix on their short flags (``lora.r`` → ``--lora-r``), so
-that the flags users of the alpaca-lora recipe know keep their names.
+``train:`` in YAML, by ``--epochs`` and by ``--train.epochs`` on the command line
+(:mod:`kaika.cli.options` builds the options from these classes).
+
+Choices are types (``Literal``) and numeric bounds are field metadata: both are checked when a
+config object is built (``__post_init__``), so a typo in ``--attention`` or ``--lr -1`` fails
+before any data is read or any model is loaded. :func:`check` runs the same rules again on an
+object whose fields were assigned after it was built (the Python API allows that).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from kaika.errors import KaikaError
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "8bit", "4bit"]
+Attention = Literal["sdpa", "eager"]
+LoraBias = Literal["none", "all", "lora_only"]
+# transformers' schedules that need no extra arguments (cosine_with_min_lr, warmup_stable_decay and
+# reduce_lr_on_plateau do); tests/test_config.py builds each one.
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+Packing = Literal["document", "stream"]
+SaveDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+
+def option(default: Any, help: str, **bounds: float) -> Any:
+    """A config field: its default, its one-line help, and optional bounds checked when the config
+    is built: ``ge``/``gt`` (at least / more than), ``le``/``lt`` (at most / less than)."""
+    meta = {"help": help, **bounds}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def choices(tp: Any) -> tuple[str, ...] | None:
+    """The allowed values of a ``Literal`` type (inside ``X | None`` or ``list[X]`` too), else None."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(tp):
+            found = choices(arg)
+            if found:
+                return found
+    return None
+
+
+BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}  # fmt: skip
+
+
+def _check_value(value: Any, f: dataclasses.Field, tp: Any, where: str) -> None:
+    allowed = choices(tp)
+    if allowed is not None:
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v not in allowed:
+                raise KaikaError(f"{where}: {v!r} is not one of {', '.join(allowed)}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KaikaError(f"{where}: expected a finite number, got {value!r}")
+        for key, (sign, ok) in BOUNDS.items():
+            if key in f.metadata and not ok(value, f.metadata[key]):
+                raise KaikaError(f"{where}: must be {sign} {f.metadata[key]:g}, got {value!r}")
+
+
+def check(obj: Any, where: str | None = None) -> None:
+    """Check every choice and bound of the dataclass ``obj`` and of its sections."""
+    where = where or type(obj).__name__
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value, f"{where}.{f.name}")
+        else:
+            _check_value(value, f, hints[f.name], f"{where}.{f.name}")
+
+
+class Checked:
+    """Base of every config dataclass: its choices and bounds are checked once it is built."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if not dataclasses.is_dataclass(value):
+                _check_value(value, f, hints[f.name], f"{type(self).__name__}.{f.name}")
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(Checked):
     """Which base model to load and how."""
 
-    base_model: str = _f(
+    base_model: str = option(
         "tiny-bloom-ja",
         "Base model: a hub id (bigscience/bloom-1b1), a local directory, a .gguf file, "
         "or a builtin name (bloom-ja-tiny, tiny-bloom-ja).",
     )
-    gguf_file: str | None = _f(
+    gguf_file: str | None = option(
         None, "GGUF file name inside base_model when base_model is a directory or hub id."
     )
-    dtype: str = _f(
+    dtype: Dtype = option(
         "auto",
         "Weights dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), "
         "float32, bfloat16 or float16.",
     )
-    quantization: str = _f(
+    quantization: Quantization = option(
         "none", "Load the base quantized with bitsandbytes: none, 8bit or 4bit (CUDA only)."
     )
-    trust_remote_code: bool = _f(False, "Allow model code from the hub (only for models you trust).")
-    attention: str = _f(
+    trust_remote_code: bool = option(False, "Allow model code from the hub (only for models you trust).")
+    attention: Attention = option(
         "sdpa",
         "BLOOM attention: sdpa (PyTorch's fused kernel with ALiBi as an additive bias; far less "
         "memory in training) or eager (transformers' own). Other models use transformers' default.",
@@ -56,48 +135,50 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
+class DataArgs(Checked):
     """Instruction data, prompt template and tokenization."""
 
-    data: list[str] = _f(
+    data: list[str] = option(
         [], "Training data: Alpaca JSON/JSONL files, local dataset dirs or hub dataset names."
     )
-    val_data: list[str] = _f([], "Separate validation data (same forms as data); overrides val_set_size.")
-    val_set_size: float = _f(
-        0.0, "Validation split taken from data: a count (>= 1) or a fraction (< 1); 0 for none."
+    val_data: list[str] = option([], "Separate validation data (same forms as data); overrides val_set_size.")
+    val_set_size: float = option(
+        0.0, "Validation split taken from data: a count (>= 1) or a fraction (< 1); 0 for none.", ge=0
     )
-    columns: dict[str, str] = _f(
+    columns: dict[str, str] = option(
         {},
         "Column mapping for data whose keys differ, e.g. instruction=instruction input=context output=response.",
     )
-    template: str = _f(
+    template: str = option(
         "alpaca_ja", "Prompt template: a builtin name (alpaca, alpaca_ja) or a path to a template JSON."
     )
-    cutoff_len: int = _f(512, "Maximum tokens per example; longer responses are truncated (EOS kept).")
-    packing: bool = _f(
+    cutoff_len: int = option(
+        512, "Maximum tokens per example; longer responses are truncated (EOS kept).", ge=2
+    )
+    packing: bool = option(
         False,
         "Pack several whole examples into each row of up to cutoff_len tokens, attention kept inside "
         "each example (on BLOOM, ALiBi restarts per example): almost no padding. batch_size and "
         "micro_batch_size then count rows, not examples.",
     )
-    train_on_inputs: bool = _f(
+    train_on_inputs: bool = option(
         False, "Also train on the prompt tokens (default: only the response is supervised)."
     )
 
 
 @dataclass
-class LoraArgs:
+class LoraArgs(Checked):
     """LoRA adapter shape (peft)."""
 
-    r: int = _f(8, "LoRA rank.")
-    alpha: int = _f(16, "LoRA alpha (the update is scaled by alpha / r).")
-    dropout: float = _f(0.05, "Dropout on the LoRA input.")
-    target: list[str] = _f(
+    r: int = option(8, "LoRA rank.", ge=1)
+    alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r).", gt=0)
+    dropout: float = option(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
+    target: list[str] = option(
         ["auto"],
         "Modules to adapt: auto (per-architecture table), all-linear, or module names (query_key_value, q_proj…).",
     )
-    bias: str = _f("none", "Which biases to train: none, all or lora_only.")
-    qkv: list[str] = _f(
+    bias: LoraBias = option("none", "Which biases to train: none, all or lora_only.")
+    qkv: list[str] = option(
         ["fused"],
         "Fused q/k/v projections (BLOOM query_key_value, GPT-2 c_attn, GPT-NeoX): fused (one LoRA "
         "shared by q, k and v) or the slices to adapt, each with its own rank-r LoRA, e.g. q,v.",
@@ -105,56 +186,62 @@ class LoraArgs:
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(Checked):
     """Optimisation, checkpoints and output."""
 
-    output_dir: str = _f("runs/kaika-lora", "Where the adapter, config, logs and report are written.")
-    epochs: float = _f(3.0, "Training epochs (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use epochs).")
-    lr: float = _f(3e-4, "Peak learning rate.")
-    scheduler: str = _f("linear", "Learning-rate schedule (transformers' names: linear, cosine, constant…).")
-    warmup_steps: int = _f(0, "Linear warm-up steps.")
-    batch_size: int = _f(128, "Global batch size in examples per optimizer step (all processes together).")
-    micro_batch_size: int = _f(4, "Examples per forward pass per process; gradient accumulation is derived.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    seed: int = _f(42, "Seed for data split, data order, LoRA init and dropout.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    eval_steps: int = _f(200, "Evaluate on the validation set every N steps (and at the end).")
-    save_steps: int = _f(200, "Write a resumable checkpoint every N steps.")
-    save_total_limit: int = _f(2, "Keep at most this many checkpoints.")
-    logging_steps: int = _f(10, "Log loss, learning rate and tokens/s every N steps.")
-    resume: bool = _f(False, "Resume from the latest checkpoint in output_dir.")
-    overwrite: bool = _f(False, "Allow writing into a non-empty output_dir (its old files are replaced).")
-    verify: bool = _f(
+    output_dir: str = option("runs/kaika-lora", "Where the adapter, config, logs and report are written.")
+    epochs: float = option(3.0, "Training epochs (ignored when max_steps > 0).", gt=0)
+    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: use epochs).", ge=-1)
+    lr: float = option(3e-4, "Peak learning rate.", gt=0)
+    scheduler: Scheduler = option("linear", "Learning-rate schedule (transformers' names).")
+    warmup_steps: int = option(0, "Linear warm-up steps.", ge=0)
+    batch_size: int = option(
+        128, "Global batch size in examples per optimizer step (all processes together).", ge=1
+    )
+    micro_batch_size: int = option(
+        4, "Examples per forward pass per process; gradient accumulation is derived.", ge=1
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
+    seed: int = option(42, "Seed for data split, data order, LoRA init and dropout.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    eval_steps: int = option(200, "Evaluate on the validation set every N steps (and at the end).", ge=1)
+    save_steps: int = option(200, "Write a resumable checkpoint every N steps.", ge=1)
+    save_total_limit: int = option(2, "Keep at most this many checkpoints.", ge=1)
+    logging_steps: int = option(10, "Log loss, learning rate and tokens/s every N steps.", ge=1)
+    resume: bool = option(False, "Resume from the latest checkpoint in output_dir.")
+    overwrite: bool = option(False, "Allow writing into a non-empty output_dir (its old files are replaced).")
+    verify: bool = option(
         True, "After saving, reload the adapter from disk and check it reproduces the trained model."
     )
-    fast_loss: bool = _f(
+    fast_loss: bool = option(
         True,
         "Compute output logits only where a label is, a chunk at a time (same loss and gradients, far "
         "less memory and time with large vocabularies); off: the model's own full-logits loss.",
     )
-    group_by_length: bool = _f(
+    group_by_length: bool = option(
         True,
         "Batch examples of similar length together (less padding, faster); off: uniformly shuffled batches.",
     )
 
 
 @dataclass
-class GenerateArgs:
+class GenerateArgs(Checked):
     """Decoding options."""
 
-    max_new_tokens: int = _f(256, "Maximum tokens to generate.")
-    temperature: float = _f(0.0, "Sampling temperature; 0 means greedy decoding.")
-    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this probability mass.")
-    top_k: int = _f(50, "Sample only from the k most likely tokens (0: no limit).")
-    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeating tokens.")
-    num_beams: int = _f(1, "Beam search width (1: no beam search).")
-    seed: int = _f(42, "Seed for sampling.")
-    batch_size: int = _f(8, "Prompts per batch in --file mode.")
+    max_new_tokens: int = option(256, "Maximum tokens to generate.", ge=1)
+    temperature: float = option(0.0, "Sampling temperature; 0 means greedy decoding.", ge=0)
+    top_p: float = option(
+        1.0, "Nucleus sampling: keep the smallest set of tokens with this probability mass.", gt=0, le=1
+    )
+    top_k: int = option(50, "Sample only from the k most likely tokens (0: no limit).", ge=0)
+    repetition_penalty: float = option(1.0, "Penalty > 1 discourages repeating tokens.", gt=0)
+    num_beams: int = option(1, "Beam search width (1: no beam search).", ge=1)
+    seed: int = option(42, "Seed for sampling.", ge=0)
+    batch_size: int = option(8, "Prompts per batch in --file mode.", ge=1)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """Everything ``kaika train`` needs; saved as ``kaika_config.yaml`` next to the adapter."""
 
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -164,48 +251,48 @@ class TrainConfig:
 
 
 @dataclass
-class PretrainArgs:
+class PretrainArgs(Checked):
     """Raw text, packing, and what ``kaika pretrain`` trains."""
 
-    data: list[str] = _f(
+    data: list[str] = option(
         [],
         "Training text: UTF-8 .txt files (one document each), directories of .txt/.jsonl files, "
         "JSON/JSONL with a text field, local dataset dirs or hub dataset names.",
     )
-    val_data: list[str] = _f([], "Held-out text (same forms as data); overrides val_set_size.")
-    val_set_size: float = _f(
-        0.0, "Held-out documents taken from data: a count (>= 1) or a fraction (< 1); 0 for none."
+    val_data: list[str] = option([], "Held-out text (same forms as data); overrides val_set_size.")
+    val_set_size: float = option(
+        0.0, "Held-out documents taken from data: a count (>= 1) or a fraction (< 1); 0 for none.", ge=0
     )
-    text_field: str = _f("text", "Field that holds the text in JSON/JSONL records and datasets.")
-    cutoff_len: int = _f(
-        1024, "Tokens per packed row; documents are packed into full rows, EOS between them."
+    text_field: str = option("text", "Field that holds the text in JSON/JSONL records and datasets.")
+    cutoff_len: int = option(
+        1024, "Tokens per packed row; documents are packed into full rows, EOS between them.", ge=2
     )
-    packing: str = _f(
+    packing: Packing = option(
         "document",
         "document: attention stays inside each document (block-diagonal causal mask; on BLOOM, ALiBi "
         "restarts per document); stream: continuous-stream training, documents separated by EOS only.",
     )
-    full: bool = _f(
+    full: bool = option(
         False, "Train every weight and save a full model (safetensors) instead of a LoRA adapter."
     )
-    from_scratch: str | None = _f(
+    from_scratch: str | None = option(
         None,
         "Build a new model from an architecture config instead of loading base_model: a JSON/YAML file "
         "of config fields (model_type defaults to bloom) or a directory with config.json. Implies full.",
     )
-    tokenizer: str | None = _f(
+    tokenizer: str | None = option(
         None,
         "With from_scratch: the tokenizer to use (a directory or hub id); default: train a byte-level "
         "BPE tokenizer on the training text.",
     )
-    vocab_size: int = _f(8192, "Vocabulary size of a tokenizer trained for from_scratch.")
-    save_dtype: str = _f(
+    vocab_size: int = option(8192, "Vocabulary size of a tokenizer trained for from_scratch.", ge=8)
+    save_dtype: SaveDtype = option(
         "auto", "dtype of the saved full model: auto (as trained), float16, bfloat16 or float32."
     )
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Checked):
     """Everything ``kaika pretrain`` needs; saved as ``kaika_pretrain.yaml`` in its output."""
 
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -214,29 +301,24 @@ class PretrainConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
 
 
-# The resolved config of a run, saved next to its adapter and read back by generate.
-CONFIG_FILE = "kaika_config.yaml"
-
-# Short-flag prefixes per section; sections not listed use the bare field name.
-FLAG_PREFIX = {"lora": "lora-"}
-
-
 # --------------------------------------------------------------------------- dict <-> dataclass
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise a KaikaError naming ``where``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], where)
+        return None if value is None else coerce(value, args[0], where)
+    if origin is Literal:  # the choice itself is checked by the dataclass
+        return coerce(value, type(typing.get_args(tp)[0]), where)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple):
             raise KaikaError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, where) for v in value]
+        return [coerce(v, item, where) for v in value]
     if origin is dict:
         if isinstance(value, list | tuple):  # from the CLI: ["key=value", ...]
             pairs = {}
@@ -270,7 +352,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from nested dicts, checking every key and value."""
+    """Build dataclass ``cls`` from nested dicts, checking every key, value, choice and bound."""
     if not isinstance(data, dict):
         raise KaikaError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -278,13 +360,15 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise KaikaError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, value or {}, f"{where}.{name}")
         else:
-            kwargs[name] = _coerce(value, tp, f"{where}.{name}")
+            kwargs[name] = coerce(value, tp, f"{where}.{name}")
+            _check_value(kwargs[name], fields[name], tp, f"{where}.{name}")  # named after its source
     return cls(**kwargs)
 
 
@@ -309,8 +393,12 @@ def save_yaml(obj: Any, path: str | Path) -> None:
     )
 
 
+def load_config(cls: type, path: str | Path) -> Any:
+    return from_dict(cls, load_yaml(path), where=str(path))
+
+
 def load_train_config(path: str | Path) -> TrainConfig:
-    return from_dict(TrainConfig, load_yaml(path), where=str(path))
+    return load_config(TrainConfig, path)
 
 
 def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -320,52 +408,11 @@ def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- argparse
-
-
-def _flags(section: str | None, name: str) -> list[str]:
-    short = "--" + (FLAG_PREFIX.get(section or "", "") + name).replace("_", "-")
-    return [short] if section is None else [short, f"--{section}.{name}"]
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, section: str | None = None) -> None:
-    """Add one option per field of ``cls``; unset options stay absent from the namespace."""
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(section or cls.__name__, (cls.__doc__ or "").strip())
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
-        dest = f"{section}.{f.name}" if section else f.name
-        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) in (list, dict):
-            kw["nargs"] = "+"
-            kw["metavar"] = "KEY=VALUE" if typing.get_origin(tp) is dict else "VALUE"
-        else:
-            kw["metavar"] = f.name.upper()
-        group.add_argument(*_flags(section, f.name), **kw)
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add the options of every section (a dataclass-typed field) of ``cls``."""
-    for f in dataclasses.fields(cls):
-        add_dataclass_args(parser, typing.get_type_hints(cls)[f.name], f.name)
-
-
-def namespace_overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    """Nested dict of the dotted options the user actually gave."""
-    out: dict[str, Any] = {}
-    for key, value in vars(ns).items():
-        if "." not in key:
-            continue
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = value
-    return out
+def resolve_config(cls: type, config_path: str | None, overrides: dict[str, Any]) -> Any:
+    """Defaults < YAML file < command-line overrides."""
+    data = load_yaml(config_path) if config_path else {}
+    return from_dict(cls, deep_update(data, overrides), where=config_path or "options")
 
 
 def resolve_train_config(config_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < YAML file < command-line overrides."""
-    data = load_yaml(config_path) if config_path else {}
-    return from_dict(TrainConfig, deep_update(data, overrides), where=config_path or "options")
+    return resolve_config(TrainConfig, config_path, overrides)

@@ -2,5 +2,5 @@
 
 One module per subcommand: ``loss`` (``eval loss``), ``answers`` (``eval generate``), ``judge``
 (``--judge``), ``report`` (``eval compare``); ``metrics`` holds the pure metric functions.
-Nothing heavy is imported here, so ``import kaika.eval`` stays light.
+Their options are :mod:`kaika.cli.eval`'s. Nothing heavy is imported here.
 """

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from kaika.config import GenerateArgs
-from kaika.data import DataError, Problem, _iter_source
+from kaika.data.records import DataError, Problem, iter_source
 from kaika.errors import KaikaError
 from kaika.eval import metrics
-from kaika.eval.loss import Subject, load_subject, variants
+from kaika.eval.loss import load_subject, variants
+from kaika.inference.generate import Loaded
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def load_tasks(source: str | Path) -> list[dict[str, str]]:
     problems: list[Problem] = []
     rows = _iter_csv(path, problems) if path.suffix.lower() == ".csv" and path.is_file() else None
     tasks = []
-    for where, rec in rows if rows is not None else _iter_source(str(source), problems):
+    for where, rec in rows if rows is not None else iter_source(str(source), problems):
         task = normalise_task(rec, str(source), where, problems)
         if task is not None:
             tasks.append({"id": len(tasks), **task})
@@ -114,11 +115,11 @@ def load_tasks(source: str | Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- answering
 
 
-def answer_tasks(subject: Subject, tasks: list[dict[str, str]], args: GenerateArgs, desc: str) -> list[dict]:
+def answer_tasks(subject: Loaded, tasks: list[dict[str, str]], args: GenerateArgs, desc: str) -> list[dict]:
     """One row per task: the task, the answer, the generation facts and the metrics."""
     from tqdm.auto import tqdm
 
-    from kaika.generate import generate_batch
+    from kaika.inference.generate import generate_batch
 
     rows: list[dict | None] = [None] * len(tasks)
     # Similar prompt lengths per batch: less left padding. Rows are put back in task order.
@@ -126,9 +127,7 @@ def answer_tasks(subject: Subject, tasks: list[dict[str, str]], args: GenerateAr
     with tqdm(total=len(tasks), desc=desc, unit="task") as bar:
         for start in range(0, len(order), args.batch_size):
             idx = order[start : start + args.batch_size]
-            for i, gen in zip(
-                idx, generate_batch(subject.loaded, [tasks[i] for i in idx], args), strict=True
-            ):
+            for i, gen in zip(idx, generate_batch(subject, [tasks[i] for i in idx], args), strict=True):
                 t = tasks[i]
                 rows[i] = {
                     **t,
@@ -170,7 +169,7 @@ def eval_generate(
         "model": str(path),
         "tasks_file": str(tasks_file),
         "tasks": len(tasks),
-        "template": subject.loaded.template.name,
+        "template": subject.template.name,
         "generate": asdict(args),
         "repetition_n": metrics.REPETITION_N,
         "models": {},

@@ -23,7 +23,7 @@ from kaika.eval.answers import SUMMARY_JSON, TABLE_ROWS, answers_file
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "trainer_log.jsonl"  # written by kaika.train (same name as train.LOG_FILE)
+LOG_FILE = "trainer_log.jsonl"  # written by kaika.training.sft (same name as train.LOG_FILE)
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 DELTA_METRICS = ("judge_score", "chrf")  # per-task delta: the judge when there is one, else chrF

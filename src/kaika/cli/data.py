@@ -1,0 +1,139 @@
+"""``kaika data check|stats`` and ``kaika translate``: options in, one library call, a report out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kaika.cli.options import add_dataclass_args
+from kaika.config import DataArgs, ModelArgs, coerce, from_dict
+from kaika.data.check import KINDS, CheckOptions, FixOptions, check_files, failing, fix_files, print_report
+from kaika.data.stats import data_stats, print_stats
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", help="Alpaca JSON/JSONL files (or dataset dirs)")
+    p.add_argument(
+        "--columns", nargs="+", metavar="KEY=VALUE", default=[], help="Column mapping, as in train"
+    )
+    d = DataArgs()  # measured as kaika train would encode the examples by default
+    p.add_argument(
+        "--template", default=d.template, help=f"Prompt template for token counts (default: {d.template})"
+    )
+    p.add_argument(
+        "--cutoff-len",
+        type=int,
+        default=d.cutoff_len,
+        help=f"cutoff_len to measure against (default: {d.cutoff_len})",
+    )
+    p.add_argument("--json", metavar="PATH", help="Also write the report as JSON")
+
+
+def _columns(values: list[str]) -> dict[str, str]:
+    return coerce(values, dict[str, str], "--columns")
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    kinds = "\n".join(f"  {k:<22} {sev:<8} {meaning}" for k, (sev, meaning) in KINDS.items())
+    c = sub.add_parser(
+        "check",
+        help="Report problems in instruction data",
+        description="Report problems in instruction data: a table per kind, examples with their line and "
+        "field, --json for machines, an exit status for CI (--fail-on). Japanese checks run on files whose "
+        "text is mostly Japanese. Nothing is modified; --fix writes new files.",
+        epilog=f"kinds (severity):\n{kinds}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(c)
+    c.add_argument(
+        "--model", help="Tokenizer (model id, dir, .gguf or builtin) to count examples over --cutoff-len"
+    )
+    c.add_argument(
+        "--lang",
+        default="auto",
+        choices=("auto", "ja", "other"),
+        help="Run the Japanese checks (default: auto, per file)",
+    )
+    c.add_argument(
+        "--english-ratio",
+        type=float,
+        default=0.5,
+        help="residual_english: Latin share of letters (default: 0.5)",
+    )
+    c.add_argument(
+        "--fail-on",
+        default="error",
+        help="Exit 1 on findings at or above a severity (info, warning, error), or of a comma list of kinds; "
+        "'never' always exits 0 (default: error)",
+    )
+    c.add_argument("--show", type=int, default=3, help="Examples printed per kind (default: 3)")
+    c.add_argument(
+        "--fix",
+        action="store_true",
+        help="Write NAME.fixed.jsonl + NAME.fixes.jsonl (log) with the safe fixes",
+    )
+    c.add_argument("--nfkc", default="none", choices=("none", "width", "full"),
+                   help="With --fix: NFKC on half-width kana / full-width Latin only (width), or everything (full)")  # fmt: skip
+    c.add_argument("--out-dir", help="Where --fix writes (default: next to each input)")
+    c.add_argument("--overwrite", action="store_true", help="Let --fix replace earlier .fixed/.fixes files")
+    c.set_defaults(data_run=run_check)
+    s = sub.add_parser(
+        "stats",
+        help="Lengths in characters and tokens; the cutoff_len that fits",
+        description=data_stats.__doc__,
+    )
+    _common(s)
+    default_model = ModelArgs().base_model
+    s.add_argument(
+        "--model",
+        nargs="+",
+        default=[default_model],
+        help=f"Tokenizers to compare (default: {default_model})",
+    )
+    s.add_argument("--plot", metavar="PNG", help="Write a histogram of example lengths in tokens")
+    s.set_defaults(data_run=run_stats)
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def run_check(ns: argparse.Namespace) -> int:
+    opts = CheckOptions(ns.lang, ns.english_ratio, columns=_columns(ns.columns), model=ns.model,
+                        template=ns.template, cutoff_len=ns.cutoff_len)  # fmt: skip
+    report = check_files(ns.files, opts)
+    bad = failing(report, ns.fail_on)  # checks --fail-on before anything is written
+    print_report(report, ns.show)
+    _write_json(ns.json, report.to_json())
+    if ns.fix:
+        for fixed, log, n in fix_files(ns.files, ns.out_dir, opts, FixOptions(nfkc=ns.nfkc), ns.overwrite):
+            print(f"\nfixed: {n} field(s) changed; wrote {fixed} and the log {log}")
+    if bad:
+        print(f"\nFAIL: {len(bad):,} finding(s) match --fail-on {ns.fail_on}")
+        return 1
+    return 0
+
+
+def run_stats(ns: argparse.Namespace) -> None:
+    report = data_stats(ns.files, ns.model, ns.template, ns.cutoff_len, _columns(ns.columns), ns.plot)
+    print_stats(report)
+    _write_json(ns.json, report.to_json())
+    if ns.plot:
+        print(f"\nhistogram: {ns.plot}")
+
+
+def add_translate(p: argparse.ArgumentParser) -> None:
+    from kaika.data.translate import TranslateArgs
+
+    p.add_argument("input", help="Alpaca-format JSON/JSONL file to translate")
+    add_dataclass_args(p, TranslateArgs)
+
+
+def run_translate(ns: argparse.Namespace) -> None:
+    from kaika.data.translate import TranslateArgs, print_result, translate_file
+
+    given = {k: v for k, v in vars(ns).items() if k in TranslateArgs.__dataclass_fields__}
+    print_result(translate_file(ns.input, from_dict(TranslateArgs, given, "translate options")))

@@ -1,0 +1,160 @@
+"""``kaika eval loss|generate|compare``: options in, one library call, a table out."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kaika.cli.options import add_generate_args, add_inference_args, generate_args
+from kaika.config import coerce
+
+MODEL_HELP = (
+    "A kaika train output directory (or any PEFT adapter directory); a merged/full model directory, "
+    "hub id or builtin name is evaluated alone"
+)
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    add_loss(sub)
+    add_generate(sub)
+    add_compare(sub)
+
+
+def add_loss(sub) -> None:
+    loss = sub.add_parser(
+        "loss",
+        help="Supervised-token loss and perplexity on held-out data, base vs adapter.",
+        description="Loss and perplexity over the supervised (response + EOS) tokens of held-out "
+        "instruction data, encoded with the run's own template, cutoff_len and masking. The loss is "
+        "summed over all supervised tokens and divided by their count (independent of batch size).",
+    )
+    loss.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
+    loss.add_argument("--data", required=True, help="Held-out instruction data (Alpaca JSON/JSONL, dataset)")
+    loss.add_argument("--json", dest="json_path", help="Also write the results as JSON to this file")
+    loss.add_argument("--batch-size", type=int, default=4, help="Examples per forward pass (default: 4)")
+    loss.add_argument("--cutoff-len", type=int, help="Override the run's cutoff_len")
+    loss.add_argument(
+        "--columns", nargs="+", metavar="KEY=VALUE", help="Column mapping, as for kaika train --columns"
+    )
+    add_inference_args(loss, template=True)
+    loss.set_defaults(eval_run=run_loss)
+
+
+def add_generate(sub) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="Answer an evaluation set (Alpaca or ELYZA-tasks-100 form) and score the answers.",
+        description="Answer every task with the base model and the tuned model, write the answers as "
+        "JSONL and score them against the reference: character chrF, character ROUGE-L, stop rate, "
+        "repetition rate, Japanese-character ratio, length ratio; optionally an LLM judge (1–5).",
+    )
+    gen.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
+    gen.add_argument(
+        "--tasks",
+        required=True,
+        help="Tasks: Alpaca JSON/JSONL (output = reference) or ELYZA-tasks-100 CSV/JSONL "
+        "(input, output, eval_aspect)",
+    )
+    gen.add_argument(
+        "--output-dir", help="Where answers and summary go (default: ADAPTER/eval/<tasks file name>)"
+    )
+    gen.add_argument(
+        "--base-also",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also answer with the base model (adapter switched off) to compare (default: yes)",
+    )
+    gen.add_argument("--limit", type=int, help="Only the first N tasks")
+    add_inference_args(gen, template=True)
+    add_judge_args(gen)
+    add_generate_args(gen)
+    gen.set_defaults(eval_run=run_generate)
+
+
+def add_judge_args(gen: argparse.ArgumentParser) -> None:
+    judge = gen.add_argument_group("judge", "LLM-as-judge through an OpenAI-compatible chat API")
+    judge.add_argument(
+        "--judge", metavar="URL", help="Base URL of the judge API, e.g. http://127.0.0.1:8000/v1"
+    )
+    judge.add_argument("--judge-model", default="judge", help="Model name sent to the judge API")
+    judge.add_argument(
+        "--judge-api-key", help="API key (default: $KAIKA_JUDGE_API_KEY, else $OPENAI_API_KEY, else none)"
+    )
+    judge.add_argument(
+        "--judge-concurrency", type=int, default=4, help="Parallel judge requests (default: 4)"
+    )
+    judge.add_argument("--judge-max-tokens", type=int, default=512, help="Tokens per judgment (default: 512)")
+
+
+def add_compare(sub) -> None:
+    cmp = sub.add_parser(
+        "compare",
+        help="Report comparing runs: Markdown and a self-contained HTML page with plots.",
+        description="Compare kaika runs: loss curves from trainer_log.jsonl, metric bars and per-task "
+        "deltas from each run's eval/*/summary.json (written by kaika eval generate).",
+    )
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="Run directories (the first is the baseline)")
+    cmp.add_argument(
+        "--output-dir", default="kaika-compare", help="Where the report goes (default: kaika-compare)"
+    )
+    cmp.set_defaults(eval_run=run_compare)
+
+
+def run_loss(ns: argparse.Namespace) -> None:
+    from kaika.eval.loss import eval_loss, format_loss_table
+
+    columns = coerce(ns.columns, dict[str, str], "--columns") if ns.columns else None
+    results = eval_loss(
+        ns.model,
+        ns.data,
+        batch_size=ns.batch_size,
+        base_model=ns.base_model,
+        dtype=ns.dtype,
+        template=ns.template,
+        cutoff_len=ns.cutoff_len,
+        columns=columns,
+        json_path=ns.json_path,
+    )
+    print(format_loss_table(results))
+
+
+def run_generate(ns: argparse.Namespace) -> None:
+    from kaika.eval.answers import SUMMARY_MD, eval_generate
+    from kaika.eval.judge import JudgeSettings
+
+    args = generate_args(ns)
+    out = ns.output_dir
+    if out is None:
+        stem = Path(ns.tasks).stem
+        out = Path(ns.model) / "eval" / stem if Path(ns.model).is_dir() else Path("kaika-eval") / stem
+    judge = None
+    if ns.judge:
+        judge = JudgeSettings(
+            ns.judge,
+            ns.judge_model,
+            ns.judge_api_key,
+            max_tokens=ns.judge_max_tokens,
+            concurrency=ns.judge_concurrency,
+        )
+    eval_generate(
+        ns.model,
+        ns.tasks,
+        out,
+        args,
+        base_also=ns.base_also,
+        base_model=ns.base_model,
+        dtype=ns.dtype,
+        template=ns.template,
+        limit=ns.limit,
+        judge=judge,
+    )
+    print((Path(out) / SUMMARY_MD).read_text(encoding="utf-8"))
+    print(f"answers and summary written to {out}")
+
+
+def run_compare(ns: argparse.Namespace) -> None:
+    from kaika.eval.report import compare
+
+    md, page = compare(ns.runs, ns.output_dir)
+    print(f"report written to {md} and {page}")

@@ -1,0 +1,89 @@
+"""Command-line options made from the config dataclasses, and the options several commands share.
+
+Each field of a section becomes ``--name`` (and ``--section.name``); sections listed in
+``FLAG_PREFIX`` put a prefix on the short flag (``lora.r`` → ``--lora-r``), so that the flags users
+of the alpaca-lora recipe know keep their names. ``Literal`` fields become ``choices``. Options the
+user does not give stay absent from the namespace, so a YAML file's values are not overridden by
+defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+from kaika.config import Dtype, GenerateArgs, choices, from_dict
+
+FLAG_PREFIX = {"lora": "lora-"}
+
+ADAPTER_HELP = "Output directory of kaika train (or any PEFT adapter directory)"
+
+
+def _flags(section: str | None, name: str) -> list[str]:
+    short = "--" + (FLAG_PREFIX.get(section or "", "") + name).replace("_", "-")
+    return [short] if section is None else [short, f"--{section}.{name}"]
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, section: str | None = None) -> None:
+    """Add one option per field of ``cls``; unset options stay absent from the namespace."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(section or cls.__name__, (cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        dest = f"{section}.{f.name}" if section else f.name
+        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (list, dict):
+            kw["nargs"] = "+"
+            kw["metavar"] = "KEY=VALUE" if typing.get_origin(tp) is dict else "VALUE"
+        elif choices(tp):
+            kw["choices"] = choices(tp)
+        else:
+            kw["metavar"] = f.name.upper()
+        group.add_argument(*_flags(section, f.name), **kw)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add the options of every section (a dataclass-typed field) of ``cls``."""
+    for f in dataclasses.fields(cls):
+        add_dataclass_args(parser, typing.get_type_hints(cls)[f.name], f.name)
+
+
+def namespace_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """Nested dict of the dotted options the user actually gave."""
+    out: dict[str, Any] = {}
+    for key, value in vars(ns).items():
+        if "." not in key:
+            continue
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    add_dataclass_args(p, GenerateArgs, "generate")
+
+
+def generate_args(ns: argparse.Namespace) -> GenerateArgs:
+    """The decoding options given on the command line, over GenerateArgs' defaults."""
+    return from_dict(GenerateArgs, namespace_overrides(ns).get("generate", {}), "generate options")
+
+
+def add_inference_args(
+    p: argparse.ArgumentParser,
+    template: bool = False,
+    base_help: str = "Use this base model instead of the one saved with the adapter",
+) -> None:
+    """--base-model, --dtype (and --template): what overrides a run directory's saved choices
+    (:class:`kaika.rundir.RunDir` applies them)."""
+    p.add_argument("--base-model", help=base_help)
+    p.add_argument("--dtype", choices=choices(Dtype), help="Override the dtype saved with the adapter")
+    if template:
+        p.add_argument(
+            "--template", help="Prompt template (name or JSON path); default: the one saved with the run"
+        )

@@ -1,0 +1,82 @@
+"""``kaika train``, ``kaika pretrain`` and ``kaika sweep``: a config from YAML + options, one library call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kaika.cli.options import add_config_args, namespace_overrides
+from kaika.config import PretrainConfig, TrainConfig, resolve_config
+from kaika.errors import KaikaError
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c", "--config", help="YAML config (sections model, data, lora, train); options override it"
+    )
+    add_config_args(p, TrainConfig)
+
+
+def run_train(ns: argparse.Namespace) -> None:
+    from kaika.training.sft import train
+    from kaika.training.trainer import is_main_process
+
+    result = train(resolve_config(TrainConfig, ns.config, namespace_overrides(ns)))
+    if not is_main_process():  # rank 0 saved the adapter and reports it
+        return
+    eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    print(
+        f"adapter saved to {result.output_dir} — {result.global_step} steps, train loss "
+        f"{result.train_loss:.4f}{eval_part}, {result.train_seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s"
+    )
+
+
+def add_pretrain(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c", "--config", help="YAML config (sections model, pretrain, lora, train); options override it"
+    )
+    add_config_args(p, PretrainConfig)
+
+
+def run_pretrain(ns: argparse.Namespace) -> None:
+    from kaika.training.pretrain import pretrain
+
+    result = pretrain(resolve_config(PretrainConfig, ns.config, namespace_overrides(ns)))
+    held = result.heldout
+    held_part = f", held-out loss {held['loss']:.4f} (perplexity {held['perplexity']:.2f})" if held else ""
+    print(
+        f"saved to {result.output_dir} — {result.global_step} steps, {result.tokens_seen} tokens, "
+        f"train loss {result.train_loss:.4f}{held_part}, {result.train_seconds:.0f} s"
+    )
+
+
+def add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        help="Sweep YAML: base (a train config or a path to one), variants (name → overrides) and "
+        "grid (section.field → values), e.g. configs/sweeps/qkv-tiny-bloom-ja.yaml",
+    )
+    p.add_argument(
+        "--rerun", action="store_true", help="Train every run again, even those a previous sweep finished"
+    )
+    p.epilog = (
+        "Train options below override the sweep's base config; --output-dir is the sweep's directory "
+        "(runs go to OUTPUT_DIR/runs/NAME, results to OUTPUT_DIR/results.{md,csv} and a plot)."
+    )
+    add_config_args(p, TrainConfig)
+
+
+def run_sweep(ns: argparse.Namespace) -> None:
+    from kaika.training.sweep import load_sweep, sweep
+
+    runs = load_sweep(ns.config, namespace_overrides(ns))
+    output_dir = runs[0].config.train.output_dir
+    records = sweep(runs, output_dir, rerun=ns.rerun)
+    failed = [r.name for r in records if r.status != "ok"]
+    print(
+        f"sweep: {len(records) - len(failed)} of {len(records)} runs done; results in {output_dir}/results.md"
+    )
+    if len(failed) == len(records):
+        raise KaikaError(f"every run failed ({', '.join(failed)}); see {output_dir}/results.md")
+    if failed:
+        print(f"sweep: failed runs: {', '.join(failed)} (errors in results.md)", file=sys.stderr)

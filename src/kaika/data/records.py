@@ -1,0 +1,272 @@
+"""Load and validate Alpaca-format instruction data; split it deterministically.
+
+Every record becomes ``{"instruction": str, "input": str, "output": str}``. All problems in
+all files are collected before anything else happens (no model is loaded, nothing written),
+and reported with the file, the line (JSONL, JSON) or record index (datasets) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kaika.errors import KaikaError
+
+FIELDS = ("instruction", "input", "output")
+REQUIRED = ("instruction", "output")
+MAX_SHOWN = 20
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str
+    where: str  # "line 12", "record 7"
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        fld = f" field {self.field!r}:" if self.field else ""
+        return f"{self.source}, {self.where}:{fld} {self.message}"
+
+
+class DataError(KaikaError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:MAX_SHOWN])
+        more = f"\n  … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+        super().__init__(
+            f"{len(problems)} problem(s) in the data:\n{shown}{more}\n"
+            "Fix these records (or remove them) and run again; nothing was trained or written."
+        )
+
+
+def _iter_jsonl(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(
+                Problem(
+                    str(path),
+                    f"line {lineno}",
+                    None,
+                    f"invalid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                    "re-save the file as UTF-8",
+                )
+            )
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(
+                Problem(str(path), f"line {lineno}", None, f"malformed JSON at column {e.colno}: {e.msg}")
+            )
+
+
+def _iter_json(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        problems.append(
+            Problem(
+                str(path),
+                f"line {line}",
+                None,
+                f"invalid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8",
+            )
+        )
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.append(
+            Problem(str(path), f"line {e.lineno}", None, f"malformed JSON at column {e.colno}: {e.msg}")
+        )
+        return
+    if isinstance(data, dict) and isinstance(data.get("data"), list):  # {"data": [...]} is common too
+        for i, rec in enumerate(data["data"]):
+            yield f"record {i}", rec
+        return
+    if not isinstance(data, list):
+        problems.append(
+            Problem(str(path), "line 1", None, "expected a JSON array of records (or JSON Lines)")
+        )
+        return
+    # Walk the records once more to name the line each starts on (counted incrementally: linear time).
+    decoder, pos, line = json.JSONDecoder(), text.index("[") + 1, 1
+    line += text.count("\n", 0, pos)
+    for i, rec in enumerate(data):
+        start = pos
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line += text.count("\n", start, pos)
+        yield f"line {line} (record {i})", rec
+        end = decoder.raw_decode(text, pos)[1]
+        line += text.count("\n", pos, end)
+        pos = end
+
+
+def _iter_dataset(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+    import datasets  # heavy: import only when a dataset is asked for
+
+    path = Path(source)
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(source, split="train")
+    except Exception as e:  # the library raises many types; the user needs the reason, not the trace
+        problems.append(Problem(source, "dataset", None, f"could not load: {type(e).__name__}: {e}"))
+        return
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            problems.append(Problem(source, "dataset", None, f"no 'train' split (has {', '.join(ds)})"))
+            return
+        ds = ds["train"]
+    for i, rec in enumerate(ds):
+        yield f"record {i}", rec
+
+
+def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+    """``(where, raw record)`` of one source, unvalidated; read errors are appended to ``problems``.
+
+    The one reader of JSON, JSONL and dataset sources: training data, prompts, evaluation tasks,
+    pretraining text, and the tools that look at records as they are (data check, translate).
+    """
+    path = Path(source)
+    if path.is_file():
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            problems.append(Problem(source, "file", None, f"cannot read: {e.strerror}"))
+            return
+        is_array = path.suffix == ".json" or raw.lstrip()[:1] == b"["
+        yield from (_iter_json if is_array else _iter_jsonl)(path, raw, problems)
+    elif path.is_dir() or ("/" in source and path.suffix not in (".json", ".jsonl") and not path.exists()):
+        yield from _iter_dataset(source, problems)
+    else:
+        problems.append(
+            Problem(source, "file", None, "not found (give a JSON/JSONL file, a dataset dir or a hub name)")
+        )
+
+
+def normalise_record(
+    rec: Any,
+    columns: dict[str, str],
+    source: str,
+    where: str,
+    problems: list[Problem],
+    required: tuple[str, ...] = REQUIRED,
+) -> dict[str, str] | None:
+    """The record as ``{instruction, input, output}``, or None after adding its problems."""
+    if not isinstance(rec, dict):
+        problems.append(Problem(source, where, None, f"expected a JSON object, got {type(rec).__name__}"))
+        return None
+    out: dict[str, str] = {}
+    ok = True
+    for fld in FIELDS:
+        key = columns.get(fld, fld)
+        label = fld if key == fld else f"{key} (as {fld})"
+        value = rec.get(key)
+        if value is None and fld not in required:
+            value = ""
+        if value is None:
+            problems.append(
+                Problem(
+                    source,
+                    where,
+                    label,
+                    "missing"
+                    + (
+                        f"; the record has keys {', '.join(map(str, rec))} — map them with --columns"
+                        if key not in rec
+                        else ""
+                    ),
+                )
+            )
+            ok = False
+        elif not isinstance(value, str):
+            problems.append(Problem(source, where, label, f"expected a string, got {type(value).__name__}"))
+            ok = False
+        elif fld in required and not value.strip():
+            problems.append(Problem(source, where, label, "empty"))
+            ok = False
+        else:
+            out[fld] = value
+    return out if ok else None
+
+
+def load_records(sources: Iterable[str], columns: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """All records of all sources, validated; raises DataError listing every problem."""
+    columns = columns or {}
+    bad_cols = sorted(set(columns) - set(FIELDS))
+    if bad_cols:
+        raise KaikaError(f"columns: unknown target field(s) {', '.join(bad_cols)}; use {', '.join(FIELDS)}")
+    sources = list(sources)
+    if not sources:
+        raise KaikaError("no training data given: pass --data FILE (Alpaca JSON or JSONL)")
+    problems: list[Problem] = []
+    records: list[dict[str, str]] = []
+    optional_keys = {columns.get(f, f) for f in FIELDS if f not in REQUIRED}
+    for source in sources:
+        before = len(records) + len(problems)
+        seen_keys: set[str] = set()
+        for where, rec in iter_source(source, problems):
+            if isinstance(rec, dict):
+                seen_keys |= optional_keys & set(rec)
+            norm = normalise_record(rec, columns, source, where, problems)
+            if norm is not None:
+                records.append(norm)
+        if len(records) + len(problems) == before:
+            problems.append(Problem(source, "file", None, "contains no records"))
+        # An optional column the user mapped but no record has is a typo, not "no inputs".
+        for fld, key in columns.items():
+            if fld not in REQUIRED and key != fld and key not in seen_keys and len(records) > before:
+                problems.append(
+                    Problem(source, "every record", f"{key} (as {fld})", "the mapped column is absent")
+                )
+    if problems:
+        raise DataError(problems)
+    return records
+
+
+def load_prompts(source: str) -> list[dict[str, str]]:
+    """Records to answer: like ``load_records`` but ``output`` is not needed (and ignored)."""
+    problems: list[Problem] = []
+    records = []
+    for where, rec in iter_source(source, problems):
+        norm = normalise_record(rec, {}, source, where, problems, required=("instruction",))
+        if norm is not None:
+            records.append({"instruction": norm["instruction"], "input": norm["input"]})
+    if problems:
+        raise DataError(problems)
+    return records
+
+
+def split_records(
+    records: list[T], val_set_size: float, seed: int, what: str = "validation records"
+) -> tuple[list[T], list[T]]:
+    """Deterministic train/validation split: the same records, size and seed give the same split.
+
+    ``val_set_size`` is a count (>= 1) or a fraction (< 1); the held-out part keeps the input order.
+    """
+    if val_set_size <= 0:
+        return records, []
+    n_val = int(val_set_size) if val_set_size >= 1 else round(val_set_size * len(records))
+    if not 0 < n_val < len(records):
+        raise KaikaError(
+            f"val_set_size {val_set_size:g} gives {n_val} {what} out of {len(records)}; "
+            "choose a count between 1 and their number minus one, or a fraction"
+        )
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return ([r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)])

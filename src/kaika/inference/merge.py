@@ -1,0 +1,278 @@
+"""``kaika merge``: fold a LoRA adapter into its base weights and write a standard checkpoint.
+
+merge() reads top to bottom: check the paths, load base + adapter in full precision, record the
+adapter's logits on a few prompts, ``merge_and_unload``, write everything into a temporary
+directory next to the target, reload the merged checkpoint from there and compare logits, and
+only then rename it into place. A failed or interrupted merge leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from kaika.config import ModelArgs, TrainConfig
+from kaika.data.messages import jinja_chat_template
+from kaika.data.prompts import PromptTemplate
+from kaika.data.tokenize import encode_prompt, pad_batch, resolve_pad_token
+from kaika.errors import KaikaError
+from kaika.modeling.load import DTYPES, ModelSource, load_model, load_tokenizer
+from kaika.modeling.verify import compare_logits, masked_logits
+from kaika.rundir import MERGED_CONFIG_FILE, RunDir, save_config, save_template, save_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Prompts the merged model is checked on: Japanese and English, with and without input.
+VERIFY_PROMPTS = [
+    ("日本の首都はどこですか？", ""),
+    ("次の文章を要約してください。", "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"),
+    ("Write a haiku about cherry blossoms.", ""),
+]
+TRAINING_CONFIG_FILE = MERGED_CONFIG_FILE
+MERGE_RTOL = 1e-4  # merging only reorders one sum, W x + B A x → (W + BA) x: float32 noise
+RELOAD_RTOL = 1e-5  # the written files against the merged weights they came from
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    max_abs_diff: float  # max |logit difference|, merged (float32) vs base + adapter, on the check prompts
+    tolerance: float
+    rounding: float  # max |logit difference| the written dtype's rounding adds (0 for float32)
+    dtype: str
+    files: list[str]
+
+
+def merge(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "float32",
+    max_shard_size: str = "2GB",
+    force: bool = False,
+) -> MergeResult:
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    run = RunDir.open(adapter_dir, base_model)
+    check_out_dir(out_dir, adapter_dir, force)
+    if dtype not in DTYPES:
+        raise KaikaError(f"unknown dtype {dtype!r} for the merged checkpoint; use {', '.join(DTYPES)}")
+    cfg = run_config(run)
+    template = run.template
+    tokenizer = load_tokenizer(run.model_args, run.tokenizer_source)
+    resolve_pad_token(tokenizer)
+    model, trained_quantized = load_full_precision(run.model_args, run.source, adapter_dir)
+    batch = verify_batch(tokenizer, template)
+    expected = masked_logits(model, batch)  # base + adapter, unmerged
+    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/inf weights
+    diff, tol = compare(
+        masked_logits(merged, batch),
+        expected,
+        MERGE_RTOL,
+        "the merged model's logits differ from base + adapter",
+    )
+    merged = merged.to(DTYPES[dtype])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write_checkpoint(merged, tokenizer, template, cfg, tmp, max_shard_size)
+        written = masked_logits(
+            merged.float(), batch
+        )  # what the rounded weights compute (in place: done with them)
+        del merged, model
+        verify_written(tmp, batch, written, dtype)
+        rounding = (written - expected).abs().max().item()
+        (tmp / "README.md").write_text(
+            model_card(cfg, template, adapter_dir, dtype, trained_quantized, diff, tol, rounding),
+            encoding="utf-8",
+        )
+        files = sorted(p.name for p in tmp.iterdir())
+        if out_dir.exists():  # --force: checked above that it is ours to replace
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, diff, tol)
+    return MergeResult(out_dir, diff, tol, rounding, dtype, files)
+
+
+def check_out_dir(out_dir: Path, adapter_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KaikaError(f"{out_dir} exists and is a file; choose a directory for the merged model")
+    if out_dir.resolve() == adapter_dir.resolve() or adapter_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise KaikaError(f"{out_dir} holds the adapter itself; write the merged model somewhere else")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise KaikaError(f"{out_dir} is not empty: pass --force to replace it, or choose another directory")
+
+
+def run_config(run: RunDir) -> TrainConfig:
+    """The training config the merged model records: the run's (with the base it is merged into),
+    or, for an adapter trained elsewhere, one that holds what is known (its base, its template)."""
+    cfg = run.config if isinstance(run.config, TrainConfig) else TrainConfig()
+    data = replace(cfg.data, template=run.template.name) if run.config is None else cfg.data
+    return replace(cfg, model=run.model_args, data=data)
+
+
+def load_full_precision(model_args: ModelArgs, source: ModelSource, adapter_dir: Path):
+    """Base in float32 with the adapter attached. Merging into quantized weights would round the
+    LoRA update away (and bitsandbytes cannot save a merged 4-bit model), so a base trained
+    quantized is reloaded unquantized: the merged model is base + adapter at full precision."""
+    from peft import PeftModel
+
+    trained_quantized = model_args.quantization != "none"
+    if trained_quantized:
+        log.warning(
+            "the adapter was trained on a %s-quantized base; merging reloads the base in full precision "
+            "(float32) and merges into that: the merged model matches base + adapter unquantized, and can "
+            "differ slightly from the quantized model used in training",
+            model_args.quantization,
+        )
+    full = ModelArgs(**{**model_args.__dict__, "quantization": "none", "dtype": "float32"})
+    base = load_model(full, source)
+    return PeftModel.from_pretrained(base, adapter_dir).eval(), trained_quantized
+
+
+def verify_batch(tokenizer, template: PromptTemplate) -> dict[str, torch.Tensor]:
+    prompts = [{"input_ids": encode_prompt(tokenizer, template.format(i, x))} for i, x in VERIFY_PROMPTS]
+    return pad_batch(prompts, tokenizer.pad_token_id, side="left")  # as generation batches them
+
+
+def write_checkpoint(merged, tokenizer, template, cfg, out: Path, max_shard_size: str) -> None:
+    gen = merged.generation_config
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    merged.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    # Other servers (vLLM, TGI, apply_chat_template) then prompt the model as kaika does.
+    tokenizer.chat_template = jinja_chat_template(template)
+    save_tokenizer(tokenizer, out)
+    save_template(template, out)
+    save_config(cfg, out, MERGED_CONFIG_FILE)
+
+
+def compare(got: torch.Tensor, expected: torch.Tensor, rel_tol: float, what: str) -> tuple[float, float]:
+    tol = rel_tol * max(expected.abs().max().item(), 1.0)
+    return compare_logits(got, expected, tol, what, "nothing was written"), tol
+
+
+def verify_written(out: Path, batch, written: torch.Tensor, dtype: str) -> None:
+    """Reload the checkpoint with plain transformers: it must compute what the merged weights did.
+
+    The merge itself was checked in float32 (1e-4 × the largest logit: merging only reorders one sum,
+    W x + B A x → (W + BA) x). Here the files are checked: same weights, same logits, up to float
+    noise — half precision's own rounding is reported, not mistaken for a bad merge."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype]).eval()
+    compare(
+        masked_logits(reloaded.float(), batch),
+        written,
+        RELOAD_RTOL,
+        "the checkpoint reloaded from disk gives logits that differ",
+    )
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def data_licence(source: str) -> str:
+    """The licence named in a PROVENANCE.md / README.md next to a local data file, if any."""
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    if not path.exists():
+        return (
+            "see the dataset's card (hub dataset)"
+            if "/" in source and not source.endswith((".json", ".jsonl"))
+            else "unknown"
+        )
+    for name in ("PROVENANCE.md", "README.md", "LICENSE"):
+        doc = folder / name
+        if doc.is_file():
+            m = re.search(
+                r"Licen[cs]e[^:\n]*:\s*\**([^*\n]+?)\**\s*(?:\(|$)", doc.read_text(encoding="utf-8"), re.M
+            )
+            if m:
+                return f"{m.group(1).strip()} (from {name})"
+    return "unknown (no PROVENANCE.md next to the data)"
+
+
+# The card is one Markdown template with the run's facts filled in: long, but read top to bottom.
+def model_card(
+    cfg: TrainConfig,
+    template: PromptTemplate,
+    adapter_dir: Path,
+    dtype: str,
+    quantized: bool,
+    diff,
+    tol,
+    rounding,
+) -> str:
+    data_rows = (
+        "\n".join(f"| `{d}` | {data_licence(d)} |" for d in cfg.data.data) or "| (not recorded) | unknown |"
+    )
+    lora, train = cfg.lora, cfg.train
+    quant_note = (
+        f"\nThe adapter was trained on a {cfg.model.quantization}-quantized base. It was merged into the base "
+        "reloaded in full precision (float32), so this model is base + adapter unquantized and can differ "
+        "slightly from the quantized model used in training.\n"
+        if quantized
+        else ""
+    )
+    example = template.format("日本の首都はどこですか？")
+    return f"""---
+base_model: {cfg.model.base_model}
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- kaika
+- lora
+- merged
+---
+
+# Merged LoRA model (kaika)
+
+A LoRA adapter ({adapter_dir.resolve().name}) merged into its base model with peft's
+`merge_and_unload`, saved as a standard Hugging Face checkpoint ({dtype}, safetensors).
+Load it with `AutoModelForCausalLM.from_pretrained` — no peft needed.
+{quant_note}
+- **Base model**: `{cfg.model.base_model}`
+- **Check**: on {len(VERIFY_PROMPTS)} prompts the merged weights' logits match base + adapter within
+  {diff:.2e} in float32 (tolerance {tol:.1e}); the checkpoint reloaded from these files reproduces them.{
+        ""
+        if dtype in ("float32", "fp32")
+        else f" Rounding the weights to {dtype} moves the logits by up to {rounding:.2e}."
+    }
+
+## Training data
+
+| data | licence |
+|---|---|
+{data_rows}
+
+The model's outputs and weights may be subject to the data's licence terms as well as the base model's.
+
+## Prompt template: `{template.name}`
+
+{template.description}
+
+Prompt the model exactly like this (the answer follows the last line); `template.json` holds
+the template, and the tokenizer's `chat_template` maps chat messages onto it (last user message →
+instruction, system messages → input, earlier turns → earlier prompt/answer pairs):
+
+```
+{example}```
+
+## Training configuration
+
+LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets {", ".join(lora.target)};
+{train.epochs:g} epochs (max_steps {train.max_steps}), lr {train.lr:g}, global batch {train.batch_size},
+micro batch {train.micro_batch_size}, cutoff_len {cfg.data.cutoff_len}, seed {train.seed};
+train_on_inputs={cfg.data.train_on_inputs}. The full resolved config is in `{TRAINING_CONFIG_FILE}`.
+"""

@@ -1,0 +1,89 @@
+"""``kaika serve``: an OpenAI-compatible HTTP API (FastAPI on uvicorn) over one base model and
+any number of LoRA adapters.
+
+* ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``
+  answers as server-sent events, ending with ``data: [DONE]``), ``GET /health``.
+* The request's ``model`` picks the adapter by name; the base model alone is served too, under
+  its own name. All adapters sit on one base in memory.
+* Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+The parts: :mod:`~kaika.inference.serve.pool` (the models), :mod:`~kaika.inference.serve.schemas`
+(the wire format), :mod:`~kaika.inference.serve.app` (routes, admission, generation). FastAPI and
+uvicorn (the ``serve`` extra) are imported only when :func:`serve` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from kaika.config import GenerateArgs
+from kaika.errors import KaikaError
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "KAIKA_API_KEY"
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    queue_size: int = 8  # requests that may wait while one generates; more get 429
+    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
+    context_length: int | None = None  # prompt + max_tokens bound; None: from the model
+    defaults: GenerateArgs = field(default_factory=GenerateArgs)  # for what a request leaves out
+
+
+def serve(
+    adapters: list[str],
+    options: ServeOptions,
+    base_model: str | None = None,
+    base_name: str | None = None,
+    dtype: str | None = None,
+    template: str | None = None,
+) -> None:
+    """Load the models, then serve until interrupted."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise KaikaError(
+            f"kaika serve needs the serve extra ({e.name} is missing): pip install 'kaika[serve]'"
+        ) from None
+
+    from kaika.inference.serve.app import create_app
+    from kaika.inference.serve.pool import ModelPool, parse_adapters
+
+    options.api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    if options.queue_size < 0:
+        raise KaikaError(f"--queue-size must be 0 or more, got {options.queue_size}")
+    if options.defaults.num_beams != 1:
+        raise KaikaError(
+            "serve streams and samples token by token; beam search is not offered (--num-beams 1)"
+        )
+    pool = ModelPool(parse_adapters(adapters), base_model, base_name, dtype, template)
+    app = create_app(pool, options)
+    log.info(
+        "serving %s on http://%s:%d/v1 (auth %s, context %s tokens, queue %d)",
+        ", ".join(pool.entries),
+        options.host,
+        options.port,
+        "on" if options.api_key else "off",
+        options.context_length or pool.context_length or "unbounded",
+        options.queue_size,
+    )
+    if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        log.warning(
+            "listening on %s without --api-key: anyone who can reach it can use the model", options.host
+        )
+    uvicorn.run(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,155 @@
+"""Load a base causal LM and its tokenizer: hub id, local dir, GGUF file or builtin name.
+
+Only ``Auto*`` classes: nothing here is specific to one architecture (BLOOM's fused attention
+is switched on by :func:`kaika.modeling.attention.set_attention`, a no-op for other models).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kaika.config import ModelArgs
+from kaika.errors import KaikaError
+from kaika.modeling.attention import set_attention
+from kaika.modeling.builtin import BUILTIN_MODELS, SHIPPED_MODELS, builtin_model_path
+
+log = logging.getLogger(__name__)
+
+# The names config.Dtype allows (besides auto) and what they mean.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` reads from: a hub id or directory, plus an optional GGUF file in it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(args: ModelArgs) -> ModelSource:
+    name = args.base_model
+    if name in BUILTIN_MODELS or name in SHIPPED_MODELS:
+        return ModelSource(str(builtin_model_path(name)))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KaikaError(f"GGUF file {path} does not exist")
+        return ModelSource(str(path.parent.resolve()), path.name)
+    if path.exists() and not path.is_dir():
+        raise KaikaError(f"base model {name}: a file, but not a .gguf file; give a model directory or hub id")
+    if path.is_dir() and not args.gguf_file and not (path / "config.json").is_file():
+        raise KaikaError(f"base model directory {path} has no config.json (is it a Hugging Face model dir?)")
+    return ModelSource(name, args.gguf_file)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise KaikaError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _load_error(what: str, source: ModelSource, err: Exception) -> KaikaError:
+    hint = (
+        " It is not a local directory: check the hub id, your network, or set HF_HUB_OFFLINE=1 "
+        "with the model in the local cache."
+        if not Path(source.path).exists()
+        else ""
+    )
+    return KaikaError(
+        f"could not load the {what} from {source.path}"
+        f"{' (' + source.gguf_file + ')' if source.gguf_file else ''}: {err}.{hint}"
+    )
+
+
+def load_tokenizer(args: ModelArgs, source: ModelSource | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or resolve_source(args)
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.path, trust_remote_code=args.trust_remote_code, **source.kwargs()
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("tokenizer", source, e) from None
+
+
+def quantization_config(args: ModelArgs, dtype: torch.dtype):
+    if args.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise KaikaError(
+            f"--quantization {args.quantization} needs a CUDA GPU (bitsandbytes), and this machine has none: "
+            "run without it (the model loads in full precision on the CPU) or on a GPU machine"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if args.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def quantized_device_map() -> dict[str, int]:
+    """Each process loads the whole quantized model onto its own GPU (DDP); "auto" would spread
+    it over the GPUs and break DDP ("mat1 and mat2 shapes cannot be multiplied"). The model is
+    loaded before the Trainer binds the process to its GPU, so current_device() would still be 0
+    on every rank: LOCAL_RANK (set by torchrun / accelerate launch) names the right one."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    return {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}
+
+
+def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: Any = None):
+    """The base model in the requested dtype (and quantization), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_source(args)
+    dtype = resolve_dtype(args.dtype)
+    quant = quantization_config(args, dtype)
+    if quant is not None and device_map is None:
+        device_map = quantized_device_map()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map=device_map,
+            trust_remote_code=args.trust_remote_code,
+            **source.kwargs(),
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("model", source, e) from None
+    _drop_gguf_quantizer(model)
+    set_attention(model, args.attention)  # BLOOM only; others keep transformers' choice
+    model.eval()
+    return model
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A GGUF checkpoint loads as dense weights, yet transformers marks the model "quantized (gguf)",
+    which makes Trainer refuse to train it and save_pretrained refuse to write it. When nothing was
+    kept packed, the mark is false: remove it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if (
+        quantizer is not None
+        and quantizer.quantization_config.quant_method == "gguf"
+        and not getattr(quantizer, "packed_modules", None)
+    ):
+        quantizer.remove_quantization_config(model)

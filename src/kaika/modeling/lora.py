@@ -1,0 +1,102 @@
+"""LoraArgs → a peft LoRA on the base model. Plain peft all the way, so the adapter is standard."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kaika.config import LoraArgs
+from kaika.errors import KaikaError
+from kaika.modeling.qkv import apply_slice_masks, lora_shape, parse_slices
+
+log = logging.getLogger(__name__)
+
+# LoRA targets where peft's own table (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) has
+# no entry or a choice we do not want; everything else defers to peft.
+EXTRA_TARGET_MODULES: dict[str, list[str]] = {
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+}
+
+
+def default_target_modules(model_type: str) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
+
+    targets = EXTRA_TARGET_MODULES.get(model_type) or PEFT_TABLE.get(model_type)
+    if not targets:
+        raise KaikaError(
+            f"no default LoRA target modules for model type {model_type!r}: "
+            "pass --lora-target all-linear or module names (e.g. --lora-target q_proj v_proj)"
+        )
+    return list(targets)
+
+
+def resolve_targets(args: LoraArgs, model_type: str) -> list[str] | str:
+    names = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
+    if names in ([], ["auto"]):
+        return default_target_modules(model_type)
+    if names == ["all-linear"]:
+        return "all-linear"
+    if "auto" in names or "all-linear" in names:
+        raise KaikaError("--lora-target: auto and all-linear stand alone, not in a list of module names")
+    return names
+
+
+def peft_config(args: LoraArgs, model_type: str):
+    from peft import LoraConfig, TaskType
+
+    targets = resolve_targets(args, model_type)
+    slices = parse_slices(args.qkv)
+    shape = {"r": args.r, "lora_alpha": args.alpha}
+    if slices:  # q/k/v slices: rank r × slices on the fused module, see kaika.modeling.qkv
+        shape = lora_shape(slices, args.r, args.alpha, model_type, targets)
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        lora_dropout=args.dropout,
+        bias=args.bias,
+        target_modules=targets,
+        **shape,
+    )
+
+
+def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
+    """Wrap ``model`` in a trainable peft LoRA; report the trainable-parameter count."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        # transformers >= 5.2x names it activation checkpointing; older 5.x only has the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    config = peft_config(args, model.config.model_type)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise KaikaError(
+            f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
+            f"{', '.join(linear) or 'none found'}"
+        ) from None
+    slices = parse_slices(args.qkv)
+    held = apply_slice_masks(peft_model, slices, args.r) if slices else 0
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    trainable -= held  # entries a slice mask holds at zero are stored but never trained
+    log.info(
+        "LoRA on %s%s: %s trainable parameters of %s (%.3f%%)",
+        sorted(config.target_modules)
+        if not isinstance(config.target_modules, str)
+        else config.target_modules,
+        f" (q/k/v slices {','.join(slices)}, rank {args.r} each)" if slices else "",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return peft_model

@@ -1,0 +1,207 @@
+"""What a directory means to kaika: a training run, an adapter trained elsewhere, or a whole model.
+
+Every command that takes a run (``generate``, ``chat``, ``webui``, ``serve``, ``merge``, ``eval``)
+opens it with :meth:`RunDir.open`, which answers once, by one rule, which base model (and how to
+load it), which tokenizer, which prompt template and which training config belong to it. The
+files a run holds are named here, for the writers (:mod:`kaika.training`) and the readers alike.
+
+The rule:
+
+* **base model**: ``--base-model`` if given, else the run's saved config, else peft's record of
+  the base in ``adapter_config.json`` (an adapter trained elsewhere); a directory that holds no
+  adapter is a model by itself (a merged model, a ``kaika pretrain --full`` output, a hub id);
+* **dtype**: ``--dtype`` if given, else the saved config's, else ``auto``;
+* **tokenizer**: the one saved in the directory (training's own, pad token included), else the
+  base model's;
+* **template**: ``--template`` if given, else ``template.json`` in the directory, else the saved
+  config's, else kaika's default template (with a warning saying so).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from kaika.atomic import ADAPTER_CONFIG, adapter_problem, read_marker
+from kaika.config import DataArgs, ModelArgs, PretrainConfig, TrainConfig, load_config, save_yaml
+from kaika.data.prompts import PromptTemplate, load_template
+from kaika.errors import KaikaError
+from kaika.modeling.load import ModelSource, resolve_source
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "kaika_config.yaml"  # kaika train: the resolved TrainConfig
+PRETRAIN_CONFIG_FILE = "kaika_pretrain.yaml"  # kaika pretrain: the resolved PretrainConfig
+MERGED_CONFIG_FILE = "kaika_training_config.yaml"  # a merged model: the config of the run it came from
+TEMPLATE_FILE = "template.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+REPORT_FILE = "data_report.json"
+PRETRAIN_REPORT_FILE = "pretrain_report.json"
+LOG_FILE = "trainer_log.jsonl"
+CURVE_FILE = "loss_curve.png"
+CHECKPOINTS = "checkpoints"
+# Files that mark a directory as a kaika run, so --overwrite never empties an unrelated folder.
+RUN_MARKERS = (CONFIG_FILE, PRETRAIN_CONFIG_FILE, ADAPTER_CONFIG, CHECKPOINTS, LOG_FILE)
+# Saved configs, in the order they are looked for, and the class each holds.
+CONFIG_FILES: tuple[tuple[str, type], ...] = (
+    (CONFIG_FILE, TrainConfig),
+    (PRETRAIN_CONFIG_FILE, PretrainConfig),
+    (MERGED_CONFIG_FILE, TrainConfig),
+)
+DEFAULT_TEMPLATE = DataArgs().template
+
+Kind = Literal["run", "adapter", "model"]
+
+
+@dataclass
+class RunDir:
+    """A run, an adapter or a model, with the answers of the module's rule."""
+
+    name: str  # what the user gave: a directory, a hub id or a builtin name
+    kind: Kind  # run: a kaika adapter with its config; adapter: a PEFT adapter from elsewhere; model: whole
+    model_args: ModelArgs  # how to load the base (for a model: the model itself)
+    tokenizer_source: ModelSource
+    template: PromptTemplate
+    config: TrainConfig | PretrainConfig | None  # as saved by the training run, if any
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name)
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.kind != "model"
+
+    @property
+    def data_args(self) -> DataArgs:
+        """How the run encoded its examples (template, cutoff_len, masking); defaults if unknown."""
+        return self.config.data if isinstance(self.config, TrainConfig) else DataArgs()
+
+    @property
+    def source(self) -> ModelSource:
+        return resolve_source(self.model_args)
+
+    @classmethod
+    def open(
+        cls,
+        name: str | Path,
+        base_model: str | None = None,
+        dtype: str | None = None,
+        template: str | Path | None = None,
+        *,
+        adapter: bool = True,
+    ) -> RunDir:
+        """Open an adapter directory (a kaika run or a PEFT adapter from elsewhere) or, unless
+        ``adapter`` is required, a whole model: a directory, a hub id or a builtin name.
+
+        An adapter must be complete (a kill during its save is reported here, before any model
+        loads); ``base_model`` applies to adapters only.
+        """
+        path = Path(name)
+        config = saved_config(path)
+        if adapter or (path / ADAPTER_CONFIG).exists() or is_unfinished_run(path):
+            check_adapter_dir(path)
+            kind: Kind = "run" if config is not None else "adapter"
+            model_args = replace(config.model) if config is not None else ModelArgs(base_model=base_of(path))
+            if base_model:
+                model_args = replace(model_args, base_model=base_model, gguf_file=None)
+        else:
+            if base_model:
+                raise KaikaError(f"--base-model only applies to adapters; {name} is a whole model")
+            kind = "model"
+            model_args = ModelArgs(base_model=str(name))
+        if dtype:
+            model_args = replace(model_args, dtype=dtype)
+        has_tokenizer = (path / TOKENIZER_CONFIG).is_file()
+        tokenizer_source = ModelSource(str(path)) if has_tokenizer else resolve_source(model_args)
+        return cls(
+            str(name), kind, model_args, tokenizer_source, run_template(path, config, template), config
+        )
+
+
+def is_unfinished_run(path: Path) -> bool:
+    """A training run's directory without its adapter yet (killed before saving, or still training)."""
+    return path.is_dir() and is_run(path) and not (path / "config.json").is_file()
+
+
+def saved_config(path: Path) -> TrainConfig | PretrainConfig | None:
+    """The training config saved in ``path`` (a run, a pretraining output or a merged model), if any."""
+    for file, config_cls in CONFIG_FILES:
+        if (path / file).is_file():
+            return load_config(config_cls, path / file)
+    return None
+
+
+def base_of(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on: its run's saved config, else peft's record."""
+    config = saved_config(adapter_dir)
+    if config is not None:
+        return config.model.base_model
+    data, problem = read_marker(adapter_dir / ADAPTER_CONFIG)
+    if problem or not isinstance(data.get("base_model_name_or_path"), str):
+        raise KaikaError(
+            f"{adapter_dir}: cannot tell its base model ({problem or 'no base_model_name_or_path'})"
+        )
+    return data["base_model_name_or_path"]
+
+
+def run_template(path: Path, config, explicit: str | Path | None = None) -> PromptTemplate:
+    """The template of the module's rule: explicit, saved file, saved config, kaika's default."""
+    if explicit:
+        return load_template(explicit)
+    if (path / TEMPLATE_FILE).is_file():
+        return load_template(path / TEMPLATE_FILE)
+    if isinstance(config, TrainConfig):
+        return load_template(config.data.template)
+    log.warning(
+        "%s holds no prompt template: prompting with kaika's default %s (choose another with --template)",
+        path,
+        DEFAULT_TEMPLATE,
+    )
+    return load_template(DEFAULT_TEMPLATE)
+
+
+def check_adapter_dir(adapter_dir: Path) -> None:
+    """Refuse a missing, incomplete or corrupt adapter with the reason, before any model is loaded."""
+    if not adapter_dir.is_dir():
+        raise KaikaError(f"adapter directory {adapter_dir} does not exist")
+    problem = adapter_problem(adapter_dir)
+    if problem:
+        raise KaikaError(
+            f"{adapter_dir} is not a complete adapter: {problem}. Was training interrupted before "
+            "saving? Its checkpoints/ can be resumed with kaika train --resume"
+        )
+
+
+# --------------------------------------------------------------------------- writing a run
+
+
+def portable(cfg):
+    """The config to save: a local base model path made absolute, so a run works from any directory."""
+    path = Path(cfg.model.base_model).expanduser()
+    if not path.exists():  # hub id or builtin name
+        return cfg
+    return replace(cfg, model=replace(cfg.model, base_model=str(path.resolve())))
+
+
+def save_config(cfg: TrainConfig | PretrainConfig, out: Path, file: str | None = None) -> None:
+    """The resolved config, under the file name readers look for (``file`` to choose another)."""
+    default = CONFIG_FILE if isinstance(cfg, TrainConfig) else PRETRAIN_CONFIG_FILE
+    save_yaml(portable(cfg), out / (file or default))
+
+
+def save_template(template: PromptTemplate, out: Path) -> None:
+    (out / TEMPLATE_FILE).write_text(template.to_json(), encoding="utf-8")
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """The tokenizer as generation wants it: padded on the left, so that batched rows all continue
+    from their last token (kaika itself always states the side; other tools read this)."""
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out)
+
+
+def is_run(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS)

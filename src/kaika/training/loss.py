@@ -1,0 +1,226 @@
+"""The training loss without the [tokens × vocab] logits: same value, same gradients, less work.
+
+A causal LM's loss only needs logits where a label is. With the prompt masked and padding, that
+is often half the positions or fewer, and BLOOM's 250,880-token output layer costs about as much
+as the whole transformer body. So:
+
+* **label positions only**: the decoder runs as usual, but the output layer is applied only to
+  the hidden states whose next token carries a label (``logits_to_keep`` given an all-False mask
+  makes transformers skip the output layer; the final hidden states are taken from the decoder).
+* **chunked, fused cross-entropy**: the output layer and the cross-entropy run over a few hundred
+  rows at a time, and each chunk's gradient with respect to the hidden states is computed right
+  there (softmax − one-hot), so neither the forward nor the backward ever holds more than one
+  chunk of logits, and the logits are never recomputed.
+* **exact normalisation**: the summed loss is divided by the supervised-token count of the whole
+  accumulated batch that the Trainer passes as ``num_items_in_batch``, which is what the
+  transformers loss does too; the result equals the full-logits loss up to float rounding.
+
+The same module scores held-out text (:func:`token_weighted_loss`, for ``kaika pretrain``'s held-out
+set and ``kaika eval loss``): one definition of "the loss" for training and evaluation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kaika.data.tokenize import IGNORE_INDEX
+from kaika.errors import KaikaError
+
+# Logits held at once by the chunked loss (fp32 bytes): ~270 rows of BLOOM's 250,880-token vocabulary.
+# Measured at bloom-560m dimensions on CPU (docs/performance.md): 128 MiB chunks were no faster and no
+# smaller at peak (activations set the peak); 512 MiB raised it by ~0.7 GiB.
+CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class FastLoss:
+    """Which loss levers are on; all on is kaika's default, all off is the plain transformers loss."""
+
+    label_positions_only: bool = True
+    chunked: bool = True
+
+    @property
+    def any(self) -> bool:
+        return self.label_positions_only or self.chunked
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross_entropy(hidden @ weight.T + bias, targets), computed chunk by chunk.
+
+    hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) with IGNORE_INDEX rows skipped.
+    The gradients are formed in the forward pass, one chunk of logits at a time, and only they are
+    kept for backward: (N, H) for the hidden states (plus (V, H) if the weight is trained).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int):
+        rows = hidden.shape[0]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 for half precision, fp64 stays fp64
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if weight.requires_grad else None
+        need_bias = bias is not None and bias.requires_grad
+        grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None
+        for start in range(0, rows, chunk_rows):
+            end = min(start + chunk_rows, rows)
+            h, t = hidden[start:end], targets[start:end]
+            # (n, V): the output layer in the model's dtype, the softmax in fp32, as transformers does.
+            logits = torch.nn.functional.linear(h, weight, bias).to(acc)
+            valid = t != IGNORE_INDEX
+            safe_t = t.clamp(min=0)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            # logsumexp and softmax from one exp pass, in place: the (n, V) block is the only one held
+            # (torch.logsumexp would allocate a second, and the softmax would exponentiate again).
+            peak = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(peak).exp_().sum(dim=-1)  # (n,)
+            lse = peak.squeeze(1) + sums.log()
+            total += ((lse - picked) * valid).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows; in place on the logits.
+            grad_logits = logits.div_(sums[:, None])
+            grad_logits[torch.arange(end - start, device=t.device), safe_t] -= 1.0
+            grad_logits *= valid[:, None]
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h.to(acc)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+            del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_total
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+            None if grad_bias is None else (grad_bias * scale).to(ctx.bias_dtype),
+            None,
+            None,
+        )
+
+
+def chunk_rows_for(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def supports_fast_loss(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs of this era do)."""
+    base = unwrap(model)
+    return (
+        "logits_to_keep" in inspect.signature(base.forward).parameters
+        and base.get_output_embeddings() is not None
+    )
+
+
+def unwrap(model):
+    """The transformers model inside DDP / peft wrappers."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def causal_lm_loss_sum(
+    model, inputs: dict[str, Any], levers: FastLoss = FastLoss(), chunk_bytes: int = CHUNK_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses over supervised positions, their count) for one micro-batch.
+
+    ``model`` is what the Trainer calls (possibly DDP- and peft-wrapped); it is called through its own
+    forward, so DDP's gradient hooks and peft's adapters behave exactly as in a plain forward.
+    """
+    labels = inputs["labels"]
+    # Position i predicts token i+1: its target is labels[:, i + 1]; the last position predicts nothing.
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # (B, T)
+    count = keep.sum()
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    if levers.chunked:
+        # The output layer runs on no position inside the model; the decoder's output is taken instead.
+        handle = base.get_decoder().register_forward_hook(grab)
+        try:
+            model(**model_inputs, logits_to_keep=torch.zeros_like(keep), use_cache=False)
+        finally:
+            handle.remove()
+        hidden = captured[0]  # (B, T, H), after the final norm
+        if levers.label_positions_only:
+            hidden, flat_targets = hidden[keep], targets[keep]  # (N, H), (N,)
+        else:
+            hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        loss_sum = LinearCrossEntropy.apply(
+            hidden, head.weight, head.bias, flat_targets, chunk_rows_for(head.weight.shape[0], chunk_bytes)
+        )
+        return loss_sum, count
+    # Label positions only, one (N, V) block of logits: transformers slices with the boolean mask.
+    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits.float()  # (N, V)
+    loss_sum = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss_sum, count
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class LossResult:
+    loss: float  # mean NLL per supervised token, nats
+    perplexity: float
+    tokens: int  # supervised tokens
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+
+
+@torch.no_grad()
+def token_weighted_loss(model, batches: Iterable[dict[str, torch.Tensor]]) -> LossResult:
+    """Next-token NLL summed over every supervised token of ``batches``, divided by their number.
+
+    Not a mean of per-batch means, so it depends neither on the batch size nor on padding; and it
+    is computed from the model's own logits, so whatever the model does after its output layer
+    (soft-capping, logit scaling) is part of it. Only the positions that carry a target are
+    projected onto the vocabulary when the model takes ``logits_to_keep``.
+    """
+    device = next(model.parameters()).device
+    keep_positions = _accepts_logits_to_keep(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            targets = batch["labels"][:, 1:]  # (B, T-1): the logits at position t predict token t+1
+            columns = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+            if not len(columns):
+                continue
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            if keep_positions:  # [B, positions, vocab] logits, not [B, T, vocab]
+                logits = model(**inputs, logits_to_keep=columns.to(device)).logits
+            else:
+                logits = model(**inputs).logits[:, columns.to(device)]
+            tgt = targets[:, columns].to(device)
+            total += torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((tgt != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if not count:
+        raise KaikaError("no supervised token to score: every example was dropped or has an empty response")
+    mean = total / count
+    return LossResult(mean, math.exp(mean) if mean < 700 else math.inf, count)

@@ -1,0 +1,177 @@
+"""``kaika train``: data → template → tokens → base model + LoRA → Trainer → save and verify.
+
+Read ``train()`` top to bottom: each step is one function below it (the Trainer wiring they
+share with ``kaika pretrain`` is :mod:`kaika.training.trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kaika.atomic import staged_output
+from kaika.config import TrainConfig, check
+from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
+from kaika.data.prompts import PromptTemplate, load_template
+from kaika.data.records import load_records, split_records
+from kaika.data.tokenize import DataReport, PadCollator, encode_records, pad_batch, resolve_pad_token
+from kaika.errors import KaikaError
+from kaika.modeling.load import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+    resolve_dtype,
+    resolve_source,
+)
+from kaika.modeling.lora import apply_lora
+from kaika.modeling.qkv import check_block_structure
+from kaika.modeling.verify import verify_adapter
+from kaika.rundir import CURVE_FILE, REPORT_FILE, save_config, save_template, save_tokenizer
+from kaika.training.trainer import (
+    Fitted,
+    check_output_dir,
+    fit,
+    gradient_accumulation,
+    is_main_process,
+    plot_loss_curve,
+    prepare_output_dir,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+VERIFY_EXAMPLES = 4  # training examples the reloaded adapter is checked on
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    train_loss: float
+    eval_loss: float | None
+    train_seconds: float
+    tokens_per_second: float
+    data_report: DataReport
+    model: Any = field(default=None, repr=False)  # the trained PeftModel, in memory
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    out = check_config(cfg)
+    template = load_template(cfg.data.template)
+    train_records, val_records = load_data(cfg)  # all input checked before any model is loaded
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    resolve_pad_token(tokenizer)
+    train_set, val_set, report = tokenize_data(cfg, template, tokenizer, train_records, val_records)
+    model = build_model(cfg, source)
+    rows, collator = (
+        pack_for_training(cfg, model, tokenizer, train_set)
+        if cfg.data.packing
+        else (train_set, PadCollator(tokenizer.pad_token_id))
+    )
+    prepare_output_dir(cfg.train)
+    fitted = fit(cfg.train, model, tokenizer, rows, val_set, collator)
+    result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_set, out)
+    log.info(
+        "done: adapter in %s (%d steps, %.0f s, %.0f tokens/s)",
+        out,
+        result.global_step,
+        result.train_seconds,
+        result.tokens_per_second,
+    )
+    return result
+
+
+def check_config(cfg: TrainConfig) -> Path:
+    """What can be known wrong without reading data or loading a model fails here, first."""
+    check(cfg)  # choices and bounds again: the Python API may have assigned fields after building
+    gradient_accumulation(cfg.train, world_size())
+    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    return check_output_dir(cfg.train)
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    records = load_records(cfg.data.data, cfg.data.columns)
+    if cfg.data.val_data:
+        return records, load_records(cfg.data.val_data, cfg.data.columns)
+    return split_records(records, cfg.data.val_set_size, cfg.train.seed)
+
+
+def tokenize_data(cfg: TrainConfig, template: PromptTemplate, tokenizer, train_records, val_records):
+    d = cfg.data
+    train_set, report = encode_records(train_records, template, tokenizer, d.cutoff_len, d.train_on_inputs)
+    val_set, _ = encode_records(
+        val_records, template, tokenizer, d.cutoff_len, d.train_on_inputs, "tokenizing val"
+    )
+    log.info("data: %s", report.summary())
+    if not train_set:
+        raise KaikaError(f"no training example fits cutoff_len {d.cutoff_len}: raise --cutoff-len")
+    return train_set, val_set, report
+
+
+def build_model(cfg: TrainConfig, source: ModelSource):
+    from transformers import set_seed
+
+    model = load_model(cfg.model, source)
+    set_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same seed, same initial adapter
+    return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+
+
+def pack_for_training(cfg: TrainConfig, model, tokenizer, train_set):
+    """--packing: whole examples into rows of up to cutoff_len tokens, attention kept per example."""
+    rows = pack_examples(train_set, cfg.data.cutoff_len)
+    enable_packed_attention(model)
+    tokens = sum(len(f["input_ids"]) for f in train_set)
+    log.info(
+        "packing: %d examples into %d rows of up to %d tokens (%.1f examples per row, rows %.0f%% full); "
+        "batch sizes count rows",
+        len(train_set),
+        len(rows),
+        cfg.data.cutoff_len,
+        len(train_set) / len(rows),
+        100 * tokens / (len(rows) * cfg.data.cutoff_len),
+    )
+    return rows, PackedExamplesCollator(tokenizer.pad_token_id)
+
+
+def save_and_verify(
+    cfg: TrainConfig,
+    fitted: Fitted,
+    tokenizer,
+    template: PromptTemplate,
+    report: DataReport,
+    source: ModelSource,
+    train_set,
+    out: Path,
+) -> TrainResult:
+    model = fitted.model
+    result = TrainResult(
+        out,
+        fitted.global_step,
+        fitted.train_loss,
+        fitted.eval_loss,
+        fitted.seconds,
+        fitted.tokens_per_second,
+        report,
+        model,
+    )
+    if not is_main_process():
+        return result
+    check_block_structure(model)  # --lora-qkv: unchosen slices must still be exactly zero
+    # Written aside, verified there, then moved into `out` (weights last): a kill never leaves a
+    # half-written adapter where generate would load it.
+    with staged_output(out) as stage:
+        model.save_pretrained(stage)
+        save_tokenizer(tokenizer, stage)
+        save_config(cfg, stage)
+        save_template(template, stage)
+        (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        plot_loss_curve(fitted.history, stage / CURVE_FILE)
+        if cfg.train.verify:
+            batch = pad_batch(train_set[:VERIFY_EXAMPLES], tokenizer.pad_token_id)
+            verify_adapter(stage, model, cfg.model, source, batch)
+    return result

@@ -1,0 +1,352 @@
+"""The training layer every recipe shares (``kaika train``, ``kaika pretrain``, ``kaika sweep``).
+
+* the output directory's rules: :func:`check_output_dir` (validates, creates nothing) and
+  :func:`prepare_output_dir` (empties it on ``--overwrite``, once all input has been checked);
+* :func:`fit`: ``TrainingArguments`` from :class:`~kaika.config.TrainArgs`, the Trainer with
+  kaika's loss and sampler, the progress bar and the JSON log, run under
+  :func:`~kaika.training.faults.guarded_training`; it returns a :class:`Fitted` with what the
+  recipes report;
+* :class:`KaikaTrainer`: transformers' ``Trainer`` with the loss of :mod:`kaika.training.loss`
+  and a length-grouped sampler whose order a resumed or multi-process run reproduces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+from transformers import ProgressCallback, Trainer, TrainerCallback
+
+from kaika.config import TrainArgs
+from kaika.errors import KaikaError
+from kaika.rundir import CHECKPOINTS, LOG_FILE, is_run
+from kaika.training.faults import check_writable, guarded_training
+from kaika.training.loss import FastLoss, causal_lm_loss_sum, supports_fast_loss
+
+log = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def check_output_dir(args: TrainArgs) -> Path:
+    """Refuse to clobber work; creates nothing (input is validated before anything is written)."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise KaikaError(f"output_dir {out} exists and is a file")
+    check_writable(out)
+    contents = list(out.iterdir()) if out.is_dir() else []
+    if args.resume:
+        if not list((out / CHECKPOINTS).glob("checkpoint-*")):
+            raise KaikaError(
+                f"--resume: no checkpoint in {out / CHECKPOINTS}; run without --resume to start fresh"
+            )
+        return out
+    if contents and not args.overwrite:
+        raise KaikaError(
+            f"output_dir {out} is not empty: pass --overwrite to replace it, --resume to continue "
+            "its training, or choose another --output-dir"
+        )
+    if contents and not is_run(out):
+        raise KaikaError(
+            f"output_dir {out} is not empty and does not look like a kaika run; "
+            "refusing to overwrite it: choose another --output-dir"
+        )
+    return out
+
+
+def prepare_output_dir(args: TrainArgs) -> None:
+    """--overwrite: the old run goes (rank 0 only), now that data, config and model have all loaded."""
+    out = Path(args.output_dir)
+    if is_main_process() and args.overwrite and not args.resume and out.exists():
+        shutil.rmtree(out)
+
+
+def gradient_accumulation(args: TrainArgs, world_size: int) -> int:
+    per_step = args.micro_batch_size * world_size
+    if args.batch_size < per_step or args.batch_size % per_step:
+        raise KaikaError(
+            f"batch_size {args.batch_size} must be a multiple of micro_batch_size "
+            f"{args.micro_batch_size} × {world_size} process(es) = {per_step}"
+        )
+    return args.batch_size // per_step
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@dataclass
+class Fitted:
+    """What a finished ``fit`` leaves: the trainer (model, state) and the training time."""
+
+    trainer: Any
+    seconds: float
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.trainer.state.log_history
+
+    @property
+    def global_step(self) -> int:
+        return self.trainer.state.global_step
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.trainer.state.num_input_tokens_seen
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.seconds if self.seconds else 0.0
+
+    @property
+    def train_loss(self) -> float:
+        return float(next((h["train_loss"] for h in reversed(self.history) if "train_loss" in h), math.nan))
+
+    @property
+    def eval_loss(self) -> float | None:
+        return next((h["eval_loss"] for h in reversed(self.history) if "eval_loss" in h), None)
+
+
+def training_arguments(t: TrainArgs, out: Path, dtype: torch.dtype, evaluate: bool, processes: int):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(t, processes),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        report_to=[],
+        disable_tqdm=False,  # transformers ties the bar to its log level, which the CLI keeps quiet
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        ddp_find_unused_parameters=False if processes > 1 else None,
+    )
+
+
+def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
+    """Train ``model`` on ``train_set`` (batched by ``collator``), checkpoints and log in ``t.output_dir``."""
+    out = Path(t.output_dir)
+    processes = world_size()
+    log.info(
+        "global batch %d = micro batch %d × accumulation %d × %d process(es)",
+        t.batch_size,
+        t.micro_batch_size,
+        gradient_accumulation(t, processes),
+        processes,
+    )
+    dtype = next(p.dtype for p in model.parameters())
+    trainer = KaikaTrainer(
+        model=model,
+        fast_loss=FastLoss(t.fast_loss, t.fast_loss),
+        args=training_arguments(t, out, dtype, bool(val_set), processes),
+        train_dataset=train_set,
+        eval_dataset=val_set or None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(out / LOG_FILE)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgressCallback())
+    start = time.perf_counter()
+    with guarded_training(trainer, t.resume, out / LOG_FILE) as resume_from:  # signals, nan/inf, disk
+        trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    if val_set and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
+        trainer.evaluate()
+    return Fitted(trainer, seconds)
+
+
+# --------------------------------------------------------------------------- what the user sees
+
+
+class LossProgressCallback(ProgressCallback):
+    """Transformers' progress bar (steps, ETA) with the latest loss and lr on it, and one short line
+    per evaluation, instead of a dict printed at every log step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = self.training_bar
+        if not state.is_world_process_zero or bar is None or not logs:
+            return
+        if "loss" in logs:
+            bar.set_postfix(
+                loss=f"{float(logs['loss']):.4f}", lr=f"{float(logs.get('learning_rate', 0)):.2e}"
+            )
+        if "eval_loss" in logs:
+            bar.write(f"step {state.global_step}: eval loss {float(logs['eval_loss']):.4f}")
+
+
+class JsonlLogCallback(TrainerCallback):
+    """One JSON line per log event: step, loss, eval_loss, lr, tokens/s (non-pad tokens)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key, name in (
+            ("loss", "loss"),
+            ("eval_loss", "eval_loss"),
+            ("learning_rate", "lr"),
+            ("grad_norm", "grad_norm"),
+            ("train_loss", "train_loss"),
+        ):
+            if key in logs:
+                row[name] = float(logs[key])
+        if "loss" in logs and self._last is not None:
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
+            row["tokens_per_s"] = round((seen - self._last[1]) / max(now - self._last[0], 1e-9), 2)
+            self._last = (now, seen)
+        if len(row) > 2:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for points, label, style in ((train, "train loss", "-"), (val, "eval loss", "o--")):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (supervised tokens)")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the Trainer
+
+
+class KaikaTrainer(Trainer):
+    """transformers' Trainer with kaika's training loss (:mod:`kaika.training.loss`); evaluation,
+    prediction and models without ``logits_to_keep`` use the Trainer's own loss."""
+
+    def __init__(self, *args, fast_loss: FastLoss | None = None, **kwargs):
+        self._epoch_sampler: EpochLengthGroupedSampler | None = None
+        super().__init__(*args, **kwargs)
+        fast_loss = fast_loss or FastLoss()
+        self.fast_loss = fast_loss if fast_loss.any and supports_fast_loss(self.model) else None
+        self.add_callback(_SamplerEpoch(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # transformers groups over one process's accumulated batch, so the order would change with
+            # the number of processes; grouping over the global batch keeps a DDP run's data order that
+            # of one process with the same global batch. Its shuffle also draws from the global RNG at
+            # the moment the epoch starts to iterate, which a mid-epoch resume cannot reproduce (the
+            # RNG is restored only after the skipped batches are drawn): the order is seeded per epoch.
+            global_batch = (
+                self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            )
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = self._epoch_sampler = EpochLengthGroupedSampler(global_batch, sampler.lengths, seed)
+        return sampler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fast_loss is None or return_outputs or not model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss_sum, count = causal_lm_loss_sum(model, inputs, self.fast_loss)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # The count over the whole accumulated (and, with average_tokens_across_devices, gathered)
+            # batch: training_step then adds the micro-batch losses up unscaled, as it does for the model's loss.
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+            return loss
+        # No global count: the Trainer's rule for such models, mean per micro-batch, divided by the accumulation.
+        return loss_sum / count.clamp(min=1)
+
+
+class EpochLengthGroupedSampler(Sampler):
+    """transformers' length grouping (shuffle, then sort by length inside mega-batches) with an
+    order that depends only on (seed, epoch): every process, and a run resumed in the middle of
+    an epoch, sees the same order as an uninterrupted single-process run."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed = batch_size, lengths, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Tells the sampler which epoch starts. accelerate forwards ``set_epoch`` only through some of
+    its data loader wrappers (not through a skip-batches wrapper around a sharded one), so the
+    Trainer's own epoch counter is the source: a resumed run's state.epoch is mid-epoch (2.5 →
+    epoch 2), a fresh epoch starts at the previous one's exact end (2.0)."""
+
+    def __init__(self, trainer: KaikaTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._epoch_sampler is not None:
+            self.trainer._epoch_sampler.set_epoch(math.floor(state.epoch or 0))

@@ -1,0 +1,137 @@
+"""Data validation: every bad input names its file, line or record, and field; nothing is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import SEED_TASKS, write_jsonl
+from kaika.cli import main
+from kaika.data.records import DataError, load_prompts, load_records, split_records
+from kaika.errors import KaikaError
+
+GOOD = {"instruction": "挨拶して", "input": "", "output": "こんにちは"}
+
+
+def problems_of(path, **kw):
+    with pytest.raises(DataError) as info:
+        load_records([str(path)], **kw)
+    return info.value.problems, str(info.value)
+
+
+def test_good_jsonl_and_json_array(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [GOOD, {**GOOD, "input": "x"}])
+    (tmp_path / "b.json").write_text(json.dumps([GOOD], ensure_ascii=False), encoding="utf-8")
+    recs = load_records([str(tmp_path / "a.jsonl"), str(tmp_path / "b.json")])
+    assert [r["input"] for r in recs] == ["", "x", ""]
+    assert len(load_records([str(SEED_TASKS)])) == 175
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "message"),
+    [
+        ({"input": "", "output": "o"}, "instruction", "missing"),
+        ({"instruction": "i", "input": ""}, "output", "missing"),
+        ({"instruction": "i", "output": 3}, "output", "expected a string, got int"),
+        ({"instruction": "i", "output": "   "}, "output", "empty"),
+        ({"instruction": ["i"], "output": "o"}, "instruction", "expected a string, got list"),
+        ({"instruction": "i", "input": 1.5, "output": "o"}, "input", "expected a string, got float"),
+    ],
+)
+def test_bad_records_name_line_and_field(tmp_path, record, field, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, record])
+    (problem,), text = problems_of(path)
+    assert (problem.where, problem.field) == ("line 3", field)
+    assert message in problem.message
+    assert f"{path}, line 3: field '{field}': {message}" in text
+
+
+def test_malformed_json_line_and_invalid_utf8(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD, ensure_ascii=False).encode()
+    path.write_bytes(
+        good + b"\n" + b'{"instruction": "i", "output": \n' + good + b"\n" + b'{"instruction": "\xff\xfe"}\n'
+    )
+    problems, _ = problems_of(path)
+    assert [p.where for p in problems] == ["line 2", "line 4"]
+    assert "malformed JSON" in problems[0].message and "invalid UTF-8" in problems[1].message
+
+
+def test_json_array_reports_the_line_of_the_bad_record(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(
+        '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"}\n]\n', encoding="utf-8"
+    )
+    (problem,), _ = problems_of(path)
+    assert problem.where == "line 3 (record 1)" and problem.field == "output"
+    path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": }\n]', encoding="utf-8")
+    (problem,), _ = problems_of(path)
+    assert problem.where == "line 3" and "malformed JSON" in problem.message
+
+
+def test_not_an_object_missing_file_and_empty_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('["a", "b"]\n', encoding="utf-8")
+    assert "expected a JSON object" in problems_of(path)[0][0].message
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    assert "contains no records" in problems_of(tmp_path / "empty.jsonl")[0][0].message
+    assert "not found" in problems_of(tmp_path / "nope.jsonl")[0][0].message
+
+
+def test_column_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "i", "context": "c", "response": "r"}])
+    (problem,), text = problems_of(path)
+    assert problem.field == "output" and "--columns" in text
+    recs = load_records([str(path)], {"input": "context", "output": "response"})
+    assert recs == [{"instruction": "i", "input": "c", "output": "r"}]
+    (problem,), _ = problems_of(path, columns={"input": "contxt", "output": "response"})
+    assert problem.field == "contxt (as input)" and "absent" in problem.message
+    with pytest.raises(KaikaError, match="unknown target field"):
+        load_records([str(path)], {"answer": "response"})
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([GOOD, {**GOOD, "output": ""}]).save_to_disk(str(tmp_path / "ds"))
+    (problem,), _ = problems_of(tmp_path / "ds")
+    assert (problem.where, problem.field) == ("record 1", "output")
+
+
+def test_split_is_deterministic_and_disjoint():
+    recs = [{"instruction": str(i), "input": "", "output": "o"} for i in range(100)]
+    train, val = split_records(recs, 0.1, seed=7)
+    assert len(val) == 10 and len(train) == 90
+    assert split_records(recs, 0.1, seed=7) == (train, val)
+    assert split_records(recs, 10, seed=8)[1] != val
+    assert {r["instruction"] for r in train}.isdisjoint(r["instruction"] for r in val)
+    with pytest.raises(KaikaError, match="val_set_size"):
+        split_records(recs, 100, seed=0)
+
+
+def test_prompts_need_no_output(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "i"}, {"instruction": "j", "input": "k"}])
+    assert load_prompts(str(path)) == [{"instruction": "i", "input": ""}, {"instruction": "j", "input": "k"}]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"instruction": "i", "output": ""}\n', "line 2: field 'output': empty"),
+        (b'{"instruction": "i", "output": \n', "line 2: malformed JSON"),
+        (b'{"instruction": "\xff", "output": "o"}\n', "line 2: invalid UTF-8"),
+        (b'{"instruction": "i"}\n', "line 2: field 'output': missing"),
+    ],
+    ids=["empty-output", "malformed-json", "invalid-utf8", "missing-key"],
+)
+def test_cli_bad_data_exits_nonzero_and_writes_nothing(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(GOOD, ensure_ascii=False).encode() + b"\n" + content)
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--data", str(path), "--output-dir", str(out), "--base-model", str(tmp_path / "nowhere")]
+    )
+    assert code == 2
+    assert f"{path}, {expected}" in capsys.readouterr().err
+    assert not out.exists()

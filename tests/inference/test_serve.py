@@ -1,0 +1,283 @@
+"""kaika serve: the real server (uvicorn, in a subprocess) answering the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters import tiny_adapters  # noqa: F401  (fixture)
+
+KEY = "sk-kaika-test"
+MAX_TOKENS_LIMIT = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    args: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    # One thread: the tiny model gains nothing from two, and the test machine's cores are shared.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kaika", "serve", *args, "--port", str(port)], stdout=f, stderr=f, env=env
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"server did not come up:\n{log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_adapters, tmp_path_factory):  # noqa: F811
+    ja, en = tiny_adapters
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc = start_server(
+        [
+            f"ja={ja}",
+            f"en={en}",
+            "--api-key",
+            KEY,
+            "--queue-size",
+            "1",
+            "--max-tokens-limit",
+            str(MAX_TOKENS_LIMIT),
+            "--max-new-tokens",
+            "12",
+        ],
+        port,
+        log,
+    )
+    yield f"http://127.0.0.1:{port}", proc
+    stop_server(proc)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_adapters):  # noqa: F811
+    """What kaika's own in-process generation answers, per served model name (greedy, 12 tokens)."""
+    from kaika.config import GenerateArgs
+    from kaika.data.messages import chat_prompt
+    from kaika.data.tokenize import encode_prompt
+    from kaika.inference.engine import run
+    from kaika.inference.generate import load_for_inference
+
+    messages = [{"role": "system", "content": "猫として"}, {"role": "user", "content": "名前は？"}]
+    out = {}
+    for name, path, base_only in (("ja", tiny_adapters[0], False), ("en", tiny_adapters[1], False)) + (
+        ("tiny-bloom-ja", tiny_adapters[0], True),
+    ):
+        loaded = load_for_inference(path, base_only=base_only)
+        ids = encode_prompt(loaded.tokenizer, chat_prompt(loaded.template, messages))
+        out[name] = run(loaded.model, loaded.tokenizer, ids, GenerateArgs(max_new_tokens=12)).text
+    return messages, out
+
+
+def test_models_and_answers_per_adapter(client, references):
+    assert {m.id for m in client.models.list().data} == {"ja", "en", "tiny-bloom-ja"}
+    messages, expected = references
+    assert len(set(expected.values())) == 3, (
+        "the three models must answer differently for this to test routing"
+    )
+    for name, text in expected.items():
+        r = client.chat.completions.create(model=name, messages=messages)
+        assert r.model == name and r.object == "chat.completion"
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == text, name
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 10
+
+
+def test_streaming_equals_non_streaming(client):
+    prompt = "吾輩は猫である。名前は"
+    whole = client.completions.create(model="ja", prompt=prompt, max_tokens=20)
+    assert whole.choices[0].text and whole.usage.completion_tokens >= 1
+    chunks = list(
+        client.completions.create(
+            model="ja", prompt=prompt, max_tokens=20, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1, "streamed in pieces"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "自己紹介してください。"}]
+    chat = client.chat.completions.create(model="en", messages=messages, max_tokens=16)
+    stream = list(client.chat.completions.create(model="en", messages=messages, max_tokens=16, stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_stop_sequences(client):
+    prompt = "吾輩は猫である。"
+    full = client.completions.create(model="en", prompt=prompt, max_tokens=24).choices[0].text
+    assert len(full) >= 4
+    stop = full[2:4]  # cut inside the answer: everything from its first occurrence on disappears
+    expected = full[: full.index(stop)]
+    cut = client.completions.create(model="en", prompt=prompt, max_tokens=24, stop=[stop])
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="en", prompt=prompt, max_tokens=24, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_bad_requests_get_openai_errors(client, server):
+    import openai
+
+    url = server[0]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found" and "ja, en" in e.value.body["message"]
+    for bad in (0, MAX_TOKENS_LIMIT + 1):
+        with pytest.raises(openai.BadRequestError, match="max_tokens must be between 1 and"):
+            client.completions.create(model="ja", prompt="a", max_tokens=bad)
+    with pytest.raises(openai.BadRequestError, match="last message must come from the user"):
+        client.chat.completions.create(model="ja", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="only n=1"):
+        client.completions.create(model="ja", prompt="a", n=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="ja", prompt="a", temperature=3)
+
+    from transformers import AutoTokenizer
+
+    from kaika.modeling.builtin import builtin_model_path
+
+    long_prompt = "吾輩は猫である。名前はまだ無い。" * 200
+    assert len(AutoTokenizer.from_pretrained(builtin_model_path("tiny-bloom-ja")).encode(long_prompt)) > 1024
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="ja", prompt=long_prompt, max_tokens=8)
+    assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{url}/v1/completions", content=b'{"model": "ja", "prompt": ', headers=headers)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "ja"}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_api_key_is_required(server):
+    import openai
+
+    url = server[0]
+    wrong = openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(f"{url}/v1/completions", json={"model": "ja", "prompt": "a"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{url}/health").status_code == 200  # health checks need no key
+
+
+def test_burst_is_served_or_refused_and_the_server_stays_up(client, server):
+    import openai
+
+    n = 10
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    go = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        go.wait()
+        try:
+            r = client.chat.completions.create(
+                model=("ja", "en")[i % 2],
+                messages=[{"role": "user", "content": f"{i}番目の質問です。"}],
+                max_tokens=48,
+            )
+            result = "ok" if r.usage.completion_tokens >= 1 else "empty"
+        except openai.RateLimitError as e:
+            result = "429" if e.body["code"] == "rate_limit_exceeded" else f"bad 429 {e.body}"
+        except Exception as e:  # anything else is a failure of the server
+            result = f"error {type(e).__name__}: {e}"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(outcomes) == n and set(outcomes) <= {"ok", "429"}, outcomes
+    # queue-size 1: one generates and one waits; the rest arrive while both are busy.
+    assert outcomes.count("ok") >= 2 and outcomes.count("429") >= 1, outcomes
+    assert server[1].poll() is None
+    after = client.completions.create(model="ja", prompt="もう一度", max_tokens=4)
+    assert after.usage.completion_tokens >= 1
+
+
+def test_generation_runs_off_the_event_loop_and_stops_when_the_client_leaves(server):
+    url = server[0]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "ja", "prompt": "吾輩は", "max_tokens": MAX_TOKENS_LIMIT, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+        before = httpx.get(f"{url}/health", timeout=10).json()  # answered while the model generates
+        assert before["admitted"] == 1
+    # The client left after one chunk of a 1000-token answer: the generation is stopped, its slot freed.
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/health").json()["admitted"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = httpx.get(f"{url}/health").json()
+    assert after["admitted"] == 0
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+
+
+@pytest.mark.slow
+def test_serving_a_merged_model_alone(tmp_path, tiny_adapters, references):  # noqa: F811
+    from openai import OpenAI
+
+    from kaika.inference.merge import merge
+
+    merged = merge(tiny_adapters[0], tmp_path / "merged").out_dir
+    port = free_port()
+    proc = start_server(["--base-model", str(merged), "--base-name", "merged-ja"], port, tmp_path / "log")
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["merged-ja"]
+        messages, expected = references
+        r = client.chat.completions.create(model="merged-ja", messages=messages, max_tokens=12)
+        assert r.choices[0].message.content == expected["ja"]  # the merged model answers as base + adapter
+    finally:
+        stop_server(proc)
