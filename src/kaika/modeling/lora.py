@@ -13,17 +13,28 @@ from kaika.modeling.qkv import apply_slice_masks, lora_shape, parse_slices
 log = logging.getLogger(__name__)
 
 # LoRA targets where peft's own table (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) has
-# no entry or a choice we do not want; everything else defers to peft.
+# no entry or a choice we do not want; everything else defers to peft. Each row: the query and value
+# projections (the LoRA paper's choice), or the fused projection that holds them.
 EXTRA_TARGET_MODULES: dict[str, list[str]] = {
     "qwen3": ["q_proj", "v_proj"],
     "gemma3_text": ["q_proj", "v_proj"],
+    "cohere": ["q_proj", "v_proj"],
+    "cohere2": ["q_proj", "v_proj"],
+    "granite": ["q_proj", "v_proj"],
+    "olmo2": ["q_proj", "v_proj"],
+    "smollm3": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],  # q, k and v in one Linear
 }
+# For a model type neither table knows: the first of these whose modules the model has.
+TARGET_NAME_PATTERNS = (("q_proj", "v_proj"), ("qkv_proj",), ("query_key_value",), ("c_attn",), ("Wqkv",))
 
 
-def default_target_modules(model_type: str) -> list[str]:
+def default_target_modules(model_type: str, module_names: set[str] | None = None) -> list[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
 
     targets = EXTRA_TARGET_MODULES.get(model_type) or PEFT_TABLE.get(model_type)
+    if not targets and module_names:
+        targets = next((p for p in TARGET_NAME_PATTERNS if set(p) <= module_names), None)
     if not targets:
         raise KaikaError(
             f"no default LoRA target modules for model type {model_type!r}: "
@@ -32,10 +43,38 @@ def default_target_modules(model_type: str) -> list[str]:
     return list(targets)
 
 
-def resolve_targets(args: LoraArgs, model_type: str) -> list[str] | str:
+def adaptable_names(model) -> set[str]:
+    """Leaf names of the modules peft's LoRA can adapt (Linear, GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)}
+
+
+def check_targets(model, targets: list[str] | str) -> None:
+    """Every named target must exist: peft adapts the names it finds and ignores the rest silently.
+    The output layer is refused: kaika's loss computes the logits from its frozen weight."""
+    if isinstance(targets, str):
+        return
+    names = adaptable_names(model)
+    missing = [t for t in targets if t not in names]
+    head = model.get_output_embeddings()
+    head_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head), None)
+    if head_name in targets:
+        raise KaikaError(
+            f"--lora-target {head_name}: the output layer is not adapted by kaika (its loss reads the "
+            "layer's weight directly, and a LoRA there would not train); choose attention or MLP modules"
+        )
+    if missing:
+        raise KaikaError(
+            f"--lora-target: this model has no module named {', '.join(missing)}. Linear modules of this "
+            f"model: {', '.join(sorted(names)) or 'none found'}"
+        )
+
+
+def resolve_targets(args: LoraArgs, model_type: str, module_names: set[str] | None = None) -> list[str] | str:
     names = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
     if names in ([], ["auto"]):
-        return default_target_modules(model_type)
+        return default_target_modules(model_type, module_names)
     if names == ["all-linear"]:
         return "all-linear"
     if "auto" in names or "all-linear" in names:
@@ -43,10 +82,10 @@ def resolve_targets(args: LoraArgs, model_type: str) -> list[str] | str:
     return names
 
 
-def peft_config(args: LoraArgs, model_type: str):
+def peft_config(args: LoraArgs, model_type: str, module_names: set[str] | None = None):
     from peft import LoraConfig, TaskType
 
-    targets = resolve_targets(args, model_type)
+    targets = resolve_targets(args, model_type, module_names)
     slices = parse_slices(args.qkv)
     shape = {"r": args.r, "lora_alpha": args.alpha}
     if slices:  # q/k/v slices: rank r × slices on the fused module, see kaika.modeling.qkv
@@ -74,16 +113,18 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
-    config = peft_config(args, model.config.model_type)
+    names = adaptable_names(model)
+    config = peft_config(args, model.config.model_type, names)
+    check_targets(
+        model,
+        config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules),
+    )
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        )
         raise KaikaError(
             f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
-            f"{', '.join(linear) or 'none found'}"
+            f"{', '.join(sorted(names)) or 'none found'}"
         ) from None
     slices = parse_slices(args.qkv)
     held = apply_slice_masks(peft_model, slices, args.r) if slices else 0

@@ -14,6 +14,12 @@ as the whole transformer body. So:
 * **exact normalisation**: the summed loss is divided by the supervised-token count of the whole
   accumulated batch that the Trainer passes as ``num_items_in_batch``, which is what the
   transformers loss does too; the result equals the full-logits loss up to float rounding.
+* **the model's own logits**: some architectures transform the logits after the output layer
+  (Gemma 2 and 3 soft-cap them, Cohere scales them, Granite divides them); the chunked loss applies
+  the same transform (:data:`LOGIT_TRANSFORMS`). Before training, :func:`probe_output_layer` checks on
+  a few tokens that ``transform(output_layer(decoder output))`` is the model's own logits; when it is
+  not (an architecture whose head kaika does not know), training uses the model's own loss, and the
+  log says so once: never a silently different objective.
 
 The same module scores held-out text (:func:`token_weighted_loss`, for ``kaika pretrain``'s held-out
 set and ``kaika eval loss``): one definition of "the loss" for training and evaluation.
@@ -38,6 +44,49 @@ from kaika.errors import KaikaError
 CHUNK_BYTES = 256 * 2**20
 
 
+class LogitTransform:
+    """What a model does to ``output_layer(hidden)`` before its softmax: a chain of elementwise steps."""
+
+    def __init__(self, steps: list[tuple[str, float]]):
+        self.steps = steps  # (kind, value), applied in order
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        for kind, value in self.steps:
+            if kind == "softcap":
+                z = torch.tanh(z / value) * value
+            elif kind == "scale":
+                z = z * value
+            else:  # "divide"
+                z = z / value
+        return z
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    def __repr__(self) -> str:
+        return " then ".join(f"{kind} {value:g}" for kind, value in self.steps) or "none"
+
+
+# (where the value is read, its name, the step): the transforms of transformers' causal LMs after the
+# output layer, in the order their forwards apply them. None or absent: the step is not taken.
+LOGIT_TRANSFORMS = (
+    ("module", "logit_scale", "scale"),  # Cohere, Cohere 2: logits * self.logit_scale
+    ("config", "logits_scaling", "divide"),  # Granite, GraniteMoe: logits / config.logits_scaling
+    ("config", "final_logit_softcapping", "softcap"),  # Gemma 2, Gemma 3: cap * tanh(logits / cap)
+)
+
+
+def logit_transform(model) -> LogitTransform:
+    base = unwrap(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    steps = []
+    for where, name, kind in LOGIT_TRANSFORMS:
+        value = getattr(base if where == "module" else config, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            steps.append((kind, float(value)))
+    return LogitTransform(steps)
+
+
 @dataclass(frozen=True)
 class FastLoss:
     """Which loss levers are on; all on is kaika's default, all off is the plain transformers loss."""
@@ -51,15 +100,16 @@ class FastLoss:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Sum over rows of cross_entropy(hidden @ weight.T + bias, targets), computed chunk by chunk.
+    """Sum over rows of cross_entropy(transform(hidden @ weight.T + bias), targets), chunk by chunk.
 
-    hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) with IGNORE_INDEX rows skipped.
-    The gradients are formed in the forward pass, one chunk of logits at a time, and only they are
-    kept for backward: (N, H) for the hidden states (plus (V, H) if the weight is trained).
+    hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) with IGNORE_INDEX rows skipped,
+    transform a :class:`LogitTransform` (empty: none). The gradients are formed in the forward pass,
+    one chunk of logits at a time, and only they are kept for backward: (N, H) for the hidden states
+    (plus (V, H) if the weight is trained).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, transform: LogitTransform | None = None):
         rows = hidden.shape[0]
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 for half precision, fp64 stays fp64
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -73,6 +123,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             # (n, V): the output layer in the model's dtype, the softmax in fp32, as transformers does.
             logits = torch.nn.functional.linear(h, weight, bias).to(acc)
             valid = t != IGNORE_INDEX
+            if transform:  # autograd through the transform, on this chunk only
+                loss, grad_logits = _transformed_chunk(logits, t, transform)
+                total += loss
+                _accumulate(grad_logits, h, weight, start, end, grad_hidden, grad_weight, grad_bias)
+                del logits, grad_logits
+                continue
             safe_t = t.clamp(min=0)
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
             # logsumexp and softmax from one exp pass, in place: the (n, V) block is the only one held
@@ -87,12 +143,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits.div_(sums[:, None])
             grad_logits[torch.arange(end - start, device=t.device), safe_t] -= 1.0
             grad_logits *= valid[:, None]
-            if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ h.to(acc)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+            _accumulate(grad_logits, h, weight, start, end, grad_hidden, grad_weight, grad_bias)
             del logits, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
@@ -108,11 +159,35 @@ class LinearCrossEntropy(torch.autograd.Function):
             None if grad_bias is None else (grad_bias * scale).to(ctx.bias_dtype),
             None,
             None,
+            None,
         )
 
 
-def chunk_rows_for(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    return max(1, chunk_bytes // (4 * vocab_size))
+def _accumulate(grad_logits, h, weight, start, end, grad_hidden, grad_weight, grad_bias) -> None:
+    """One chunk's d(loss)/d(logits) into the gradients of the hidden states, weight and bias."""
+    if grad_hidden is not None:
+        grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+    if grad_weight is not None:
+        grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
+
+
+def _transformed_chunk(logits, targets, transform: LogitTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, d(loss)/d(logits)) of one chunk whose logits the model transforms first. Autograd
+    through the transform holds a few (n, V) blocks instead of one: such chunks are made smaller."""
+    with torch.enable_grad():
+        z = logits.detach().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(
+            transform(z), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+def chunk_rows_for(vocab_size: int, chunk_bytes: int = CHUNK_BYTES, blocks: int = 1) -> int:
+    """Rows per chunk so that ``blocks`` fp32 (rows, vocab) blocks fit in ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * vocab_size * blocks))
 
 
 def supports_fast_loss(model) -> bool:
@@ -130,13 +205,39 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decoder_output(model, model_inputs: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) final hidden states (after the last norm), the output layer applied nowhere.
+
+    ``logits_to_keep`` given an all-False mask makes transformers skip the output layer; the decoder's
+    output is taken by a forward hook on it.
+    """
+    base = unwrap(model)
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = base.get_decoder().register_forward_hook(grab)
+    try:
+        model(**model_inputs, logits_to_keep=torch.zeros_like(keep), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def causal_lm_loss_sum(
-    model, inputs: dict[str, Any], levers: FastLoss = FastLoss(), chunk_bytes: int = CHUNK_BYTES
+    model,
+    inputs: dict[str, Any],
+    levers: FastLoss = FastLoss(),
+    chunk_bytes: int = CHUNK_BYTES,
+    transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses over supervised positions, their count) for one micro-batch.
 
     ``model`` is what the Trainer calls (possibly DDP- and peft-wrapped); it is called through its own
     forward, so DDP's gradient hooks and peft's adapters behave exactly as in a plain forward.
+    ``transform`` is what the model does to its logits after the output layer (default: read off the
+    model, :func:`logit_transform`).
     """
     labels = inputs["labels"]
     # Position i predicts token i+1: its target is labels[:, i + 1]; the last position predicts nothing.
@@ -144,29 +245,18 @@ def causal_lm_loss_sum(
     targets[:, :-1] = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # (B, T)
     count = keep.sum()
-    base = unwrap(model)
-    head = base.get_output_embeddings()
-    captured: list[torch.Tensor] = []
-
-    def grab(_module, _args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
+    head = unwrap(model).get_output_embeddings()
     model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
     if levers.chunked:
-        # The output layer runs on no position inside the model; the decoder's output is taken instead.
-        handle = base.get_decoder().register_forward_hook(grab)
-        try:
-            model(**model_inputs, logits_to_keep=torch.zeros_like(keep), use_cache=False)
-        finally:
-            handle.remove()
-        hidden = captured[0]  # (B, T, H), after the final norm
+        transform = logit_transform(model) if transform is None else transform
+        hidden = decoder_output(model, model_inputs, keep)  # (B, T, H)
         if levers.label_positions_only:
             hidden, flat_targets = hidden[keep], targets[keep]  # (N, H), (N,)
         else:
             hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        loss_sum = LinearCrossEntropy.apply(
-            hidden, head.weight, head.bias, flat_targets, chunk_rows_for(head.weight.shape[0], chunk_bytes)
-        )
+        # A transformed chunk holds about four (n, V) blocks (logits, transformed, softmax, gradient).
+        rows = chunk_rows_for(head.weight.shape[0], chunk_bytes, blocks=4 if transform else 1)
+        loss_sum = LinearCrossEntropy.apply(hidden, head.weight, head.bias, flat_targets, rows, transform)
         return loss_sum, count
     # Label positions only, one (N, V) block of logits: transformers slices with the boolean mask.
     logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits.float()  # (N, V)
@@ -175,6 +265,37 @@ def causal_lm_loss_sum(
 
 
 # --------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def probe_output_layer(model, transform: LogitTransform | None = None) -> str | None:
+    """None when ``transform(output_layer(decoder output))`` reproduces the model's own logits on a
+    few tokens (so the chunked loss is the model's loss); else why not, for the log."""
+    base = unwrap(model)
+    transform = logit_transform(model) if transform is None else transform
+    head = base.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    ids = (torch.arange(3, 3 + 12, device=device) * 7919 % vocab)[None]  # spread over the vocabulary
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    was_training = model.training
+    model.eval()  # no dropout: the two forwards must be the same computation
+    try:
+        own = model(**inputs, use_cache=False).logits.float()
+        hidden = decoder_output(model, inputs, torch.ones_like(ids, dtype=torch.bool))
+        ours = transform(torch.nn.functional.linear(hidden, head.weight, head.bias).float())
+    finally:
+        model.train(was_training)
+    scale = own.abs().max().item()
+    dtype = head.weight.dtype
+    rtol = 1e-4 if dtype in (torch.float32, torch.float64) else 4 * torch.finfo(dtype).eps
+    diff = (own - ours).abs().max().item()
+    if diff <= rtol * max(scale, 1.0):
+        return None
+    return (
+        f"its logits are not its output layer's with the known transforms ({transform}) applied "
+        f"(max difference {diff:.3g} on logits up to {scale:.3g})"
+    )
 
 
 @dataclass

@@ -30,7 +30,14 @@ from kaika.config import TrainArgs
 from kaika.errors import KaikaError
 from kaika.rundir import CHECKPOINTS, LOG_FILE, is_run
 from kaika.training.faults import check_writable, guarded_training
-from kaika.training.loss import FastLoss, causal_lm_loss_sum, supports_fast_loss
+from kaika.training.loss import (
+    FastLoss,
+    LogitTransform,
+    causal_lm_loss_sum,
+    logit_transform,
+    probe_output_layer,
+    supports_fast_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +287,29 @@ class KaikaTrainer(Trainer):
     def __init__(self, *args, fast_loss: FastLoss | None = None, **kwargs):
         self._epoch_sampler: EpochLengthGroupedSampler | None = None
         super().__init__(*args, **kwargs)
-        fast_loss = fast_loss or FastLoss()
-        self.fast_loss = fast_loss if fast_loss.any and supports_fast_loss(self.model) else None
+        self.fast_loss, self.logit_transform = self._choose_loss(fast_loss or FastLoss())
         self.add_callback(_SamplerEpoch(self))
+
+    def _choose_loss(self, levers: FastLoss) -> tuple[FastLoss | None, LogitTransform | None]:
+        """kaika's loss where it is the model's own (checked on the model itself), else the Trainer's."""
+        if not levers.any:
+            return None, None
+        if not supports_fast_loss(self.model):
+            log.info("loss: the model's own (its forward takes no logits_to_keep)")
+            return None, None
+        transform = logit_transform(self.model)
+        if levers.chunked:
+            problem = probe_output_layer(self.model, transform)
+            if problem:
+                log.warning(
+                    "loss: the model's own, with full logits (slower, more memory): %s. kaika's chunked "
+                    "loss would train another objective",
+                    problem,
+                )
+                return None, None
+            if transform:
+                log.info("loss: chunked, with the model's logit transform (%s)", transform)
+        return levers, transform
 
     def _get_train_sampler(self, train_dataset=None):
         from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -304,7 +331,7 @@ class KaikaTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fast_loss is None or return_outputs or not model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss_sum, count = causal_lm_loss_sum(model, inputs, self.fast_loss)
+        loss_sum, count = causal_lm_loss_sum(model, inputs, self.fast_loss, transform=self.logit_transform)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             # The count over the whole accumulated (and, with average_tokens_across_devices, gathered)
             # batch: training_step then adds the micro-batch losses up unscaled, as it does for the model's loss.
