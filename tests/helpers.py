@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 SEED_TASKS = Path(__file__).resolve().parents[1] / "data" / "alpaca_jp_seed_tasks" / "seed_tasks_ja.jsonl"
-ELYZA_TASKS = Path(__file__).resolve().parents[1] / "data" / "elyza_tasks_100"  # shipped, CC BY-SA 4.0
+ELYZA_TASKS = (
+    Path(__file__).resolve().parents[1] / "src" / "kaika" / "assets" / "elyza_tasks_100"
+)  # CC BY-SA 4.0
 
 
 def seed_records(n: int | None = None, max_chars: int | None = None) -> list[dict[str, str]]:

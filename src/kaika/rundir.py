@@ -20,6 +20,7 @@ The rule:
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,7 @@ from kaika.atomic import ADAPTER_CONFIG, adapter_problem, read_marker
 from kaika.config import DataArgs, ModelArgs, PretrainConfig, TrainConfig, load_config, save_yaml
 from kaika.data.prompts import PromptTemplate, load_template
 from kaika.errors import KaikaError
+from kaika.modeling.builtin import NOTICE_FILES
 from kaika.modeling.load import ModelSource, resolve_source
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,21 @@ def save_tokenizer(tokenizer, out: Path) -> None:
     from their last token (kaika itself always states the side; other tools read this)."""
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
+
+
+BASE_NOTICES = "base_model"  # the base model's provenance and terms, copied into runs and merges
+
+
+def save_base_notices(base_dir: str | Path, out: Path) -> list[str]:
+    """Copy the base model's provenance and licence terms (when its directory has them, as the
+    builtins do) into ``out/base_model/``: an adapter or a merged model carries its base's terms."""
+    found = [Path(base_dir) / n for n in NOTICE_FILES if (Path(base_dir) / n).is_file()]
+    if not found:
+        return []
+    (out / BASE_NOTICES).mkdir(exist_ok=True)
+    for f in found:
+        shutil.copyfile(f, out / BASE_NOTICES / f.name)
+    return [f.name for f in found]
 
 
 def is_run(path: Path) -> bool:

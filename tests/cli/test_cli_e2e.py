@@ -45,7 +45,7 @@ def test_train_then_generate_from_the_command_line(tmp_path):
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
-    assert "verified: adapter reloaded from disk" in run.stderr
+    assert "verified: the saved adapter is the trained one" in run.stderr
     assert "adapter saved to out — 3 steps" in run.stdout
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["records"] == 18 and report["kept"] + report["dropped_prompt_too_long"] == 18

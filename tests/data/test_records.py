@@ -135,3 +135,13 @@ def test_cli_bad_data_exits_nonzero_and_writes_nothing(tmp_path, capsys, content
     assert code == 2
     assert f"{path}, {expected}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_builtin_data_by_name():
+    from kaika.data.records import load_records
+
+    assert len(load_records(["seed-tasks-ja"])) == 175
+    elyza = load_records(["elyza-tasks-100"])
+    assert len(elyza) == 100 and all(r["input"] == "" and r["output"] for r in elyza)
+    with pytest.raises(KaikaError, match="a builtin: seed-tasks-ja, elyza-tasks-100"):
+        load_records(["seed-tasks-jp"])

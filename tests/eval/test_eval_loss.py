@@ -45,7 +45,7 @@ def hand_loss(model_dir, tokenizer, records, cutoff_len: int) -> tuple[float, in
 def test_loss_equals_hand_computation(tmp_path, base_dir, ja_tokenizer):
     records = seed_records(max_chars=80)[5:7]
     data = write_jsonl(tmp_path / "heldout.jsonl", records)
-    got = eval_loss(base_dir, str(data), batch_size=2, cutoff_len=100)
+    got = eval_loss(base_dir, str(data), batch_size=2, cutoff_len=100, dtype="float32")
     assert list(got) == ["model"]
     expected, count = hand_loss(base_dir, ja_tokenizer, records, cutoff_len=100)
     assert got["model"].tokens == count
@@ -57,7 +57,7 @@ def test_loss_does_not_depend_on_batch_size(tmp_path, base_dir):
     # Lengths differ a lot, so a mean of per-batch means would differ between batchings.
     records = seed_records(max_chars=200)[:7]
     data = str(write_jsonl(tmp_path / "heldout.jsonl", records))
-    one, three, seven = (eval_loss(base_dir, data, batch_size=b)["model"] for b in (1, 3, 7))
+    one, three, seven = (eval_loss(base_dir, data, batch_size=b, dtype="float32")["model"] for b in (1, 3, 7))
     assert one.tokens == three.tokens == seven.tokens
     assert three.loss == pytest.approx(one.loss, rel=1e-6)
     assert seven.loss == pytest.approx(one.loss, rel=1e-6)

@@ -84,3 +84,9 @@ def test_bad_task_files_name_file_and_line(tmp_path):
     empty.write_text("input,output,eval_aspect\n", encoding="utf-8")
     with pytest.raises(DataError, match="contains no tasks"):
         load_tasks(empty)
+
+
+def test_the_shipped_copy_by_its_builtin_name():
+    tasks = load_tasks("elyza-tasks-100")
+    assert tasks == load_tasks(ELYZA / "elyza_tasks_100.csv")
+    assert len(tasks) == 100 and all(t["eval_aspect"] for t in tasks)

@@ -227,7 +227,7 @@ def test_model_without_fused_qkv_is_a_clear_error(tmp_path, ja_tokenizer):
 
 def train_config(tmp_path, base: str, records, **train_kw) -> TrainConfig:
     cfg = TrainConfig()
-    cfg.model.base_model = base
+    cfg.model.base_model, cfg.model.dtype = base, "float32"  # compared at 1e-5 (auto may be bf16)
     cfg.data.data = [str(write_jsonl(tmp_path / "train.jsonl", records))]
     cfg.data.cutoff_len = 64
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.qkv = 8, 16, 0.05, ["q,v"]

@@ -26,7 +26,7 @@ def smollm2_gguf() -> Path:
 
 def test_lora_on_a_pretrained_gguf_model(tmp_path, smollm2_gguf):
     cfg = TrainConfig()
-    cfg.model.base_model = str(smollm2_gguf)
+    cfg.model.base_model, cfg.model.dtype = str(smollm2_gguf), "float32"  # compared at float32 precision
     cfg.data.data = [str(write_jsonl(tmp_path / "d.jsonl", seed_records(2, max_chars=80)))]
     cfg.data.template, cfg.data.cutoff_len = "alpaca", 96
     cfg.train.output_dir, cfg.train.max_steps = str(tmp_path / "run"), 1

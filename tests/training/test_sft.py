@@ -29,6 +29,7 @@ RUN_FILES = [
 def make_config(tmp_path, base_model: str, records, **train_kw) -> TrainConfig:
     cfg = TrainConfig()
     cfg.model.base_model = base_model
+    cfg.model.dtype = "float32"  # these tests compare logits at float32 precision (auto may be bf16)
     cfg.data.data = [str(write_jsonl(tmp_path / "train.jsonl", records))]
     cfg.data.cutoff_len = 64
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 16, 32, 0.0

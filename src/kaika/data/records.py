@@ -19,6 +19,11 @@ from kaika.errors import KaikaError
 FIELDS = ("instruction", "input", "output")
 REQUIRED = ("instruction", "output")
 MAX_SHOWN = 20
+# Data that ships inside the package, by name (files under kaika/assets, provenance beside them).
+BUILTIN_DATA = {
+    "seed-tasks-ja": "seed_tasks_ja.jsonl",  # 175 Japanese Alpaca seed tasks, Apache-2.0
+    "elyza-tasks-100": "elyza_tasks_100/elyza_tasks_100.jsonl",  # evaluation only, CC BY-SA 4.0
+}
 T = TypeVar("T")
 
 
@@ -140,8 +145,9 @@ def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any
 
     The one reader of JSON, JSONL and dataset sources: training data, prompts, evaluation tasks,
     pretraining text, and the tools that look at records as they are (data check, translate).
+    A name of :data:`BUILTIN_DATA` reads the file shipped with kaika.
     """
-    path = Path(source)
+    path = builtin_data_path(source) or Path(source)
     if path.is_file():
         try:
             raw = path.read_bytes()
@@ -154,8 +160,23 @@ def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any
         yield from _iter_dataset(source, problems)
     else:
         problems.append(
-            Problem(source, "file", None, "not found (give a JSON/JSONL file, a dataset dir or a hub name)")
+            Problem(
+                source,
+                "file",
+                None,
+                "not found (give a JSON/JSONL file, a dataset dir, a hub name or a builtin: "
+                f"{', '.join(BUILTIN_DATA)})",
+            )
         )
+
+
+def builtin_data_path(name: str, table: dict[str, str] = BUILTIN_DATA) -> Path | None:
+    """The shipped file of builtin data ``name`` (unless a file of that name is right here)."""
+    if name not in table or Path(name).exists():
+        return None
+    from importlib import resources
+
+    return Path(str(resources.files("kaika.assets").joinpath(table[name])))
 
 
 def normalise_record(

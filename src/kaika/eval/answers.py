@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kaika.config import GenerateArgs
-from kaika.data.records import DataError, Problem, iter_source
+from kaika.data.records import DataError, Problem, builtin_data_path, iter_source
 from kaika.errors import KaikaError
 from kaika.eval import metrics
 from kaika.eval.loss import load_subject, variants
@@ -30,6 +30,7 @@ from kaika.inference.generate import Loaded
 
 log = logging.getLogger(__name__)
 
+BUILTIN_TASKS = {"elyza-tasks-100": "elyza_tasks_100/elyza_tasks_100.csv"}  # CC BY-SA 4.0, shipped
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 
@@ -96,8 +97,9 @@ def _iter_csv(path: Path, problems: list[Problem]):
 
 
 def load_tasks(source: str | Path) -> list[dict[str, str]]:
-    """Tasks as ``{id, instruction, input, reference, eval_aspect}``; raises DataError listing problems."""
-    path = Path(source)
+    """Tasks as ``{id, instruction, input, reference, eval_aspect}``; raises DataError listing problems.
+    ``elyza-tasks-100`` names the copy shipped with kaika (with its grading notes)."""
+    path = builtin_data_path(str(source), BUILTIN_TASKS) or Path(source)
     problems: list[Problem] = []
     rows = _iter_csv(path, problems) if path.suffix.lower() == ".csv" and path.is_file() else None
     tasks = []

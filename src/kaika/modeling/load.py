@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from kaika.modeling.builtin import builtin_model_path, builtin_names
 
 log = logging.getLogger(__name__)
 
+_said: set[str] = set()
 # The names config.Dtype allows (besides auto) and what they mean.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,14 +63,42 @@ def resolve_source(args: ModelArgs) -> ModelSource:
     return ModelSource(name, args.gguf_file)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: x86 AVX512-BF16 or AMX-BF16, Arm's BF16 extension.
+    (Elsewhere PyTorch emulates bf16 on the CPU, slower than float32.)"""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = set(re.findall(r"[a-z0-9_]+", " ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.M))))
+    return bool({"avx512_bf16", "amx_bf16"} & flags) or (
+        "bf16" in flags and platform.machine() in ("aarch64", "arm64")
+    )
+
+
+def dtype_choice(name: str) -> tuple[torch.dtype, str]:
+    """The dtype of the base model's weights for ``--dtype name``, and why (for the log)."""
+    cuda = torch.cuda.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        if cuda:
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "bfloat16: the GPU computes it"
+            return torch.float16, "float16: this GPU has no bfloat16"
+        if cpu_has_native_bf16():
+            return torch.bfloat16, "bfloat16: this CPU computes bf16 natively (AVX512-BF16/AMX or Arm BF16)"
+        return torch.float32, "float32: this CPU has no native bf16"
     if name not in DTYPES:
         raise KaikaError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise KaikaError(
+            f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name()}) cannot compute bfloat16; "
+            "use --dtype float16 (or auto) or float32"
+        )
+    return DTYPES[name], "as asked"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return dtype_choice(name)[0]
 
 
 def _load_error(what: str, source: ModelSource, err: Exception) -> KaikaError:
@@ -131,7 +162,10 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_source(args)
-    dtype = resolve_dtype(args.dtype)
+    dtype, why = dtype_choice(args.dtype)
+    if args.dtype == "auto" and why not in _said:  # once per process: verification loads the base again
+        _said.add(why)
+        log.info("dtype auto: %s; LoRA weights and optimizer state stay float32", why)
     quant = quantization_config(args, dtype)
     if quant is not None and device_map is None:
         device_map = quantized_device_map()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ from kaika.modeling.load import (
     resolve_source,
 )
 from kaika.modeling.verify import verify_adapter, verify_full_model
-from kaika.rundir import CHECKPOINTS, CURVE_FILE, PRETRAIN_REPORT_FILE, save_config, save_tokenizer
+from kaika.rundir import (
+    CHECKPOINTS,
+    CURVE_FILE,
+    PRETRAIN_REPORT_FILE,
+    save_base_notices,
+    save_config,
+    save_tokenizer,
+)
 from kaika.training.faults import last_good_checkpoint
 from kaika.training.loss import token_weighted_loss
 from kaika.training.trainer import (
@@ -74,6 +81,7 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = check_pretrain_config(cfg)
+    cfg = master_weights(cfg)
     train_docs, val_docs = load_documents(cfg)  # all input checked before any model is built
     tokenizer = build_tokenizer(cfg, train_docs, out)
     train_set, train_report = pack(cfg, tokenizer, train_docs, "train")
@@ -100,6 +108,16 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
 def is_full(cfg: PretrainConfig) -> bool:
     return cfg.pretrain.full or cfg.pretrain.from_scratch is not None
+
+
+def master_weights(cfg: PretrainConfig) -> PretrainConfig:
+    """--dtype auto with every weight trained: float32 weights. The optimizer updates the weights
+    themselves, and bf16 weights would round most small updates away (LoRA keeps float32 adapter
+    weights for that reason while its frozen base may be bf16)."""
+    if not is_full(cfg) or cfg.model.dtype != "auto":
+        return cfg
+    log.info("dtype auto with every weight trained (--full): float32 weights")
+    return replace(cfg, model=replace(cfg.model, dtype="float32"))
 
 
 def check_pretrain_config(cfg: PretrainConfig) -> Path:
@@ -341,6 +359,8 @@ def save_and_verify(
             model.save_pretrained(stage)
         save_tokenizer(tokenizer, stage)
         save_config(cfg, stage)
+        if not cfg.pretrain.from_scratch:
+            save_base_notices(resolve_source(cfg.model).path, stage)
         (stage / PRETRAIN_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
         if cfg.train.verify:

@@ -30,7 +30,14 @@ from kaika.modeling.load import (
 from kaika.modeling.lora import apply_lora
 from kaika.modeling.qkv import check_block_structure
 from kaika.modeling.verify import verify_adapter
-from kaika.rundir import CURVE_FILE, REPORT_FILE, save_config, save_template, save_tokenizer
+from kaika.rundir import (
+    CURVE_FILE,
+    REPORT_FILE,
+    save_base_notices,
+    save_config,
+    save_template,
+    save_tokenizer,
+)
 from kaika.training.trainer import (
     Fitted,
     check_output_dir,
@@ -169,6 +176,7 @@ def save_and_verify(
         save_tokenizer(tokenizer, stage)
         save_config(cfg, stage)
         save_template(template, stage)
+        save_base_notices(source.path, stage)
         (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
         if cfg.train.verify:
