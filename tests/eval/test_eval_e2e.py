@@ -108,6 +108,8 @@ def test_generate_scores_and_judges(runs, capsys):
                 server.url,
                 "--judge-model",
                 "local-judge",
+                "--show",
+                "2",
             ]
         )
     assert code == 0
@@ -136,6 +138,13 @@ def test_generate_scores_and_judges(runs, capsys):
             assert s[key] == (None if want is None else pytest.approx(want)), key
         assert (s["judge_parsed"], s["judge_unparseable"], s["judge_errors"]) == (3, 1, 0)
         assert s["judge_mean"] == 4.0
+    # --show 2: the first two tasks, each model's answer under it, and how each answer ended.
+    shown = printed[printed.index("[1] ") :]
+    assert "[2] " in shown and "[3] " not in shown
+    for name in ("base", "adapter"):
+        first = answers[name][0]
+        end = "EOS" if first["stopped"] else "cut at 12 tokens"
+        assert f"{name:>7} ({end}): {first['response'][:20].replace(chr(10), ' ⏎ ')}" in shown
     # Training changed the model: base and adapter do not answer alike.
     assert [r["response"] for r in answers["base"]] != [r["response"] for r in answers["adapter"]]
     md = (out / "summary.md").read_text()

