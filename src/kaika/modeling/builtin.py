@@ -168,13 +168,16 @@ def build_gemma_3_270m(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kaika import __version__
-    from kaika.modeling.load import drop_gguf_quantizer
+    from kaika.modeling.load import drop_gguf_quantizer, missing_gguf
 
     package = _gemma_package()
     gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
     log.info("converting %s (dequantized, float32) into %s; about a minute, once", gguf.name, out)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise missing_gguf(e) from None
     drop_gguf_quantizer(model)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -126,6 +126,12 @@ def load_tokenizer(args: ModelArgs, source: ModelSource | None = None):
         )
     except (OSError, ValueError) as e:
         raise _load_error("tokenizer", source, e) from None
+    except ImportError as e:  # transformers asks for the gguf package only when a GGUF file is read
+        raise missing_gguf(e) from None
+
+
+def missing_gguf(err: ImportError) -> KaikaError:
+    return KaikaError(f"reading a GGUF file needs the gguf package: pip install 'gguf>=0.10' ({err})")
 
 
 def quantization_config(args: ModelArgs, dtype: torch.dtype):
@@ -180,6 +186,8 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
         )
     except (OSError, ValueError) as e:
         raise _load_error("model", source, e) from None
+    except ImportError as e:
+        raise missing_gguf(e) from None
     drop_gguf_quantizer(model)
     set_attention(model, args.attention)  # BLOOM only; others keep transformers' choice
     model.eval()
