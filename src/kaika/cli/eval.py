@@ -66,7 +66,9 @@ def add_generate(sub) -> None:
         help="Also answer with the base model (adapter switched off) to compare (default: yes)",
     )
     gen.add_argument("--limit", type=int, help="Only the first N tasks")
-    gen.add_argument("--show", type=int, default=0, metavar="N", help="Print the first N answers side by side")
+    gen.add_argument(
+        "--show", type=int, default=0, metavar="N", help="Print the first N answers side by side"
+    )
     add_inference_args(gen, template=True)
     add_judge_args(gen)
     add_generate_args(gen)
