@@ -113,14 +113,15 @@ class ModelArgs(Checked):
     base_model: str = option(
         "tiny-bloom-ja",
         "Base model: a hub id (bigscience/bloom-1b1), a local directory, a .gguf file, "
-        "or a builtin name (bloom-ja-tiny, tiny-bloom-ja).",
+        "or a builtin name (gemma-3-270m, bloom-ja-tiny, tiny-bloom-ja).",
     )
     gguf_file: str | None = option(
         None, "GGUF file name inside base_model when base_model is a directory or hub id."
     )
     dtype: Dtype = option(
         "auto",
-        "Weights dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), "
+        "Weights dtype: auto (bf16 on GPUs that support it, else fp16 on GPU; on a CPU bf16 where it "
+        "computes bf16 natively, else fp32; LoRA weights stay fp32), "
         "float32, bfloat16 or float16.",
     )
     quantization: Quantization = option(
