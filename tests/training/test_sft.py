@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -208,3 +209,28 @@ def test_generate_works_from_anywhere_and_without_cuda(tmp_path, monkeypatch, ja
     expected = "none" if not torch.cuda.is_available() else "8bit"
     assert loaded.model_args.quantization == expected
     assert generate(loaded, "挨拶して", "", GenerateArgs(max_new_tokens=4)).new_tokens <= 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_end_to_end(tmp_path, dtype):
+    """Train (verified save), resume, generate and merge with a half-precision base on this device."""
+    from kaika.inference.merge import merge
+
+    cfg = make_config(tmp_path, "bloom-ja-tiny", seed_records(4, max_chars=120), max_steps=4, save_steps=2)
+    cfg.model.dtype, cfg.train.batch_size, cfg.train.micro_batch_size = dtype, 4, 2
+    cfg.data.cutoff_len = 192
+    result = train(cfg)  # save-and-verify in this dtype
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.train_loss))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-4")
+    cfg.train.resume = True  # from step 2: the same adapter as the run that was not interrupted
+    again = train(cfg)
+    for (name, p), (_, q) in zip(
+        result.model.named_parameters(), again.model.named_parameters(), strict=True
+    ):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
+    loaded = load_for_inference(tmp_path / "run")
+    assert next(loaded.model.get_base_model().parameters()).dtype == getattr(torch, dtype)
+    assert generate(loaded, "挨拶して", "", GenerateArgs(max_new_tokens=6)).new_tokens <= 6
+    merged = merge(tmp_path / "run", tmp_path / "merged", dtype=dtype)  # raises if it is not base + adapter
+    assert merged.max_abs_diff <= merged.tolerance and merged.dtype == dtype
