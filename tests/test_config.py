@@ -186,3 +186,10 @@ def test_every_scheduler_choice_builds_a_schedule():
         schedule = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
         optimizer.step()
         schedule.step()
+
+
+def test_an_empty_yaml_value_is_an_error_not_the_string_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  output_dir:\n", encoding="utf-8")
+    with pytest.raises(KaikaError, match="c.yaml.train.output_dir: a value is needed"):
+        load_train_config(path)

@@ -76,3 +76,12 @@ def test_whole_models_and_what_is_refused(run_dir, tmp_path):
     (killed / CONFIG_FILE).write_text((run_dir / CONFIG_FILE).read_text())
     with pytest.raises(KaikaError, match="not a complete adapter: adapter_config.json is missing"):
         RunDir.open(killed, adapter=False)
+
+
+def test_a_whole_model_where_an_adapter_is_wanted_says_so(tmp_path):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    with pytest.raises(
+        KaikaError, match="is a whole model, not an adapter: serve it with kaika serve --base-model"
+    ):
+        RunDir.open(tmp_path / "merged")

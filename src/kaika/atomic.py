@@ -96,7 +96,7 @@ def staged_output(out: Path, commit: str = ADAPTER_WEIGHTS) -> Iterator[Path]:
             reason = write_failure(e)
             if reason:
                 raise KaikaError(
-                    f"could not write the adapter to {out} ({reason}); nothing there was replaced. "
+                    f"could not write the save to {out} ({reason}); nothing there was replaced. "
                     "Free some space and run again with --resume (the last checkpoint is kept)"
                 ) from e
             raise

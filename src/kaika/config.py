@@ -203,7 +203,7 @@ class TrainArgs(Checked):
         4, "Examples per forward pass per process; gradient accumulation is derived.", ge=1
     )
     weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
-    seed: int = option(42, "Seed for data split, data order, LoRA init and dropout.")
+    seed: int = option(42, "Seed for data split, data order, LoRA init and dropout.", ge=0, lt=2**32)
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     eval_steps: int = option(200, "Evaluate on the validation set every N steps (and at the end).", ge=1)
     save_steps: int = option(200, "Write a resumable checkpoint every N steps.", ge=1)
@@ -237,7 +237,7 @@ class GenerateArgs(Checked):
     top_k: int = option(50, "Sample only from the k most likely tokens (0: no limit).", ge=0)
     repetition_penalty: float = option(1.0, "Penalty > 1 discourages repeating tokens.", gt=0)
     num_beams: int = option(1, "Beam search width (1: no beam search).", ge=1)
-    seed: int = option(42, "Seed for sampling.", ge=0)
+    seed: int = option(42, "Seed for sampling.", ge=0, lt=2**32)
     batch_size: int = option(8, "Prompts per batch in --file mode.", ge=1)
 
 
@@ -311,6 +311,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else coerce(value, args[0], where)
+    if value is None:  # an empty YAML value: not the string "None"
+        raise KaikaError(f"{where}: a value is needed (the file leaves it empty)")
     if origin is Literal:  # the choice itself is checked by the dataclass
         return coerce(value, type(typing.get_args(tp)[0]), where)
     if origin is list:

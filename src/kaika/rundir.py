@@ -1,7 +1,7 @@
 """What a directory means to kaika: a training run, an adapter trained elsewhere, or a whole model.
 
-Every command that takes a run (``generate``, ``chat``, ``webui``, ``serve``, ``merge``, ``eval``)
-opens it with :meth:`RunDir.open`, which answers once, by one rule, which base model (and how to
+Every command that takes a run (``generate``, ``chat``, ``webui``, ``serve``, ``merge`` want an
+adapter; ``eval`` and ``serve --base-model`` also take a whole model) opens it with :meth:`RunDir.open`, which answers once, by one rule, which base model (and how to
 load it), which tokenizer, which prompt template and which training config belong to it. The
 files a run holds are named here, for the writers (:mod:`kaika.training`) and the readers alike.
 
@@ -10,7 +10,7 @@ The rule:
 * **base model**: ``--base-model`` if given, else the run's saved config, else peft's record of
   the base in ``adapter_config.json`` (an adapter trained elsewhere); a directory that holds no
   adapter is a model by itself (a merged model, a ``kaika pretrain --full`` output, a hub id);
-* **dtype**: ``--dtype`` if given, else the saved config's, else ``auto``;
+* **dtype**: ``--dtype`` if given, else (for an adapter) the saved config's, else ``auto``;
 * **tokenizer**: the one saved in the directory (training's own, pad token included), else the
   base model's;
 * **template**: ``--template`` if given, else ``template.json`` in the directory, else the saved
@@ -114,6 +114,12 @@ class RunDir:
                 raise KaikaError(f"--base-model only applies to adapters; {name} is a whole model")
             kind = "model"
             model_args = ModelArgs(base_model=str(name))
+            if config is not None:  # how the model's own run loaded it (remote code, attention)
+                model_args = replace(
+                    model_args,
+                    trust_remote_code=config.model.trust_remote_code,
+                    attention=config.model.attention,
+                )
         if dtype:
             model_args = replace(model_args, dtype=dtype)
         has_tokenizer = (path / TOKENIZER_CONFIG).is_file()
@@ -169,11 +175,17 @@ def check_adapter_dir(adapter_dir: Path) -> None:
     """Refuse a missing, incomplete or corrupt adapter with the reason, before any model is loaded."""
     if not adapter_dir.is_dir():
         raise KaikaError(f"adapter directory {adapter_dir} does not exist")
+    if (adapter_dir / "config.json").is_file() and not (adapter_dir / ADAPTER_CONFIG).exists():
+        raise KaikaError(
+            f"{adapter_dir} is a whole model, not an adapter: serve it with kaika serve --base-model "
+            f"{adapter_dir}, evaluate it with kaika eval, or train an adapter on it with --base-model"
+        )
     problem = adapter_problem(adapter_dir)
     if problem:
         raise KaikaError(
             f"{adapter_dir} is not a complete adapter: {problem}. Was training interrupted before "
-            "saving? Its checkpoints/ can be resumed with kaika train --resume"
+            f"saving? Its checkpoints/ can be resumed with the same kaika "
+            f"{'pretrain' if (adapter_dir / PRETRAIN_CONFIG_FILE).is_file() else 'train'} command and --resume"
         )
 
 

@@ -176,6 +176,13 @@ def test_bad_requests_get_openai_errors(client, server):
         client.completions.create(model="ja", prompt="a", n=2)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="ja", prompt="a", temperature=3)
+    for seed in (-1, 2**32):  # was a plain-text 500 (and a stream that never ended)
+        with pytest.raises(openai.BadRequestError, match="seed"):
+            client.completions.create(model="ja", prompt="a", seed=seed, stream=True)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be between 1 and"):
+        client.chat.completions.create(
+            model="ja", messages=[{"role": "user", "content": "a"}], max_completion_tokens=0
+        )
 
     from transformers import AutoTokenizer
 

@@ -40,8 +40,11 @@ def add_pretrain(p: argparse.ArgumentParser) -> None:
 
 def run_pretrain(ns: argparse.Namespace) -> None:
     from kaika.training.pretrain import pretrain
+    from kaika.training.trainer import is_main_process
 
     result = pretrain(resolve_config(PretrainConfig, ns.config, namespace_overrides(ns)))
+    if not is_main_process():  # rank 0 saved the model and reports it
+        return
     held = result.heldout
     held_part = f", held-out loss {held['loss']:.4f} (perplexity {held['perplexity']:.2f})" if held else ""
     print(

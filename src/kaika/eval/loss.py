@@ -1,7 +1,7 @@
 """``kaika eval loss``: supervised-token loss and perplexity on held-out instruction data.
 
 The examples are encoded exactly as in training (the run's saved template, ``cutoff_len`` and
-``train_on_inputs``, :func:`kaika.tokenize.encode_records`), and the loss is the negative
+``train_on_inputs``, :func:`kaika.data.tokenize.encode_records`), and the loss is the negative
 log-likelihood summed over every supervised token of the whole file divided by their count:
 not a mean of per-batch means, so it does not depend on the batch size or on padding.
 For an adapter, the base model is scored too, by switching the adapter off (one model in memory).

@@ -175,9 +175,25 @@ class Stream:
     :class:`Result`; an exception of the generation is raised in the reader.
     """
 
-    def __init__(self, tokenizer, generate: Callable[[Any], Result], stop: Iterable[str] = ()):
-        self.tokenizer, self.generate, self.stop = tokenizer, generate, [s for s in stop if s]
+    def __init__(
+        self,
+        tokenizer,
+        generate: Callable[[Any], Result],
+        stop: Iterable[str] = (),
+        cancel: threading.Event | None = None,
+    ):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.cancel = cancel  # set when the reader leaves early (a closed page): the generation stops
         self.result: Result | None = None
+
+        def ended(streamer) -> Result:
+            try:
+                return generate(streamer)
+            except BaseException:
+                streamer.end()  # whatever failed (setup included), the reader must not wait forever
+                raise
+
+        self.generate = ended
 
     def __iter__(self) -> Iterator[str]:
         from transformers import TextIteratorStreamer
@@ -194,12 +210,16 @@ class Stream:
         worker = threading.Thread(target=work, name="kaika-generate", daemon=True)
         worker.start()
         filt = StopFilter(self.stop)
-        for piece in streamer:
-            if out := filt.push(piece):  # the streamer sends "" while it holds back a partial character
+        try:
+            for piece in streamer:
+                if out := filt.push(piece):  # the streamer sends "" while it holds back a partial character
+                    yield out
+            if out := filt.flush():
                 yield out
-        if out := filt.flush():
-            yield out
-        worker.join()
+        finally:
+            if worker.is_alive() and self.cancel is not None:  # left early: stop before the next token
+                self.cancel.set()
+            worker.join()
         if "error" in box:
             raise box["error"]
         self.result = box["result"]
@@ -211,6 +231,8 @@ class Stream:
 
         self._streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.future = asyncio.get_running_loop().run_in_executor(executor, self.generate, self._streamer)
+        # Cancelled before it ran (the server shutting down): the reader must not wait for it.
+        self.future.add_done_callback(lambda f: self._streamer.end() if f.cancelled() else None)
         return self.future
 
     async def deltas(self) -> AsyncIterator[str]:

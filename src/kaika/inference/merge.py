@@ -126,9 +126,15 @@ def check_out_dir(out_dir: Path, adapter_dir: Path, force: bool) -> None:
 def run_config(run: RunDir) -> TrainConfig:
     """The training config the merged model records: the run's (with the base it is merged into),
     or, for an adapter trained elsewhere, one that holds what is known (its base, its template)."""
-    cfg = run.config if isinstance(run.config, TrainConfig) else TrainConfig()
-    data = replace(cfg.data, template=run.template.name) if run.config is None else cfg.data
-    return replace(cfg, model=run.model_args, data=data)
+    if isinstance(run.config, TrainConfig):
+        return replace(run.config, model=run.model_args)
+    if run.config is not None:  # a kaika pretrain LoRA run: its LoRA, training and text
+        p = run.config
+        data = replace(TrainConfig().data, data=list(p.pretrain.data), template=run.template.name)
+        data = replace(data, cutoff_len=p.pretrain.cutoff_len, train_on_inputs=True)
+        return TrainConfig(model=run.model_args, data=data, lora=p.lora, train=p.train)
+    cfg = TrainConfig()
+    return replace(cfg, model=run.model_args, data=replace(cfg.data, template=run.template.name))
 
 
 def load_full_precision(model_args: ModelArgs, source: ModelSource, adapter_dir: Path):
@@ -145,7 +151,7 @@ def load_full_precision(model_args: ModelArgs, source: ModelSource, adapter_dir:
             "differ slightly from the quantized model used in training",
             model_args.quantization,
         )
-    full = ModelArgs(**{**model_args.__dict__, "quantization": "none", "dtype": "float32"})
+    full = replace(model_args, quantization="none", dtype="float32")
     base = load_model(full, source)
     return PeftModel.from_pretrained(base, adapter_dir).eval(), trained_quantized
 

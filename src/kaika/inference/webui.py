@@ -71,7 +71,10 @@ def stream_answer(
     model, tok = loaded.model, loaded.tokenizer
     ids = encode_prompt(tok, loaded.template.format(instruction, input))
     text = ""
-    for piece in Stream(tok, lambda streamer: run(model, tok, ids, args, streamer=streamer, cancel=cancel)):
+    stream = Stream(
+        tok, lambda streamer: run(model, tok, ids, args, streamer=streamer, cancel=cancel), cancel=cancel
+    )
+    for piece in stream:
         text += piece
         yield text
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +28,34 @@ import torch
 from kaika.atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from kaika.config import ModelArgs
 from kaika.errors import KaikaError
-from kaika.modeling.load import ModelSource, load_model
+from kaika.modeling.load import DTYPES, ModelSource, load_model
 
 log = logging.getLogger(__name__)
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # The logit check's floor, relative to the largest logit: float32 noise of one reduction reordered.
 FLOOR_RTOL = 1e-6
 
 
 def check_tensors(
-    saved: dict[str, torch.Tensor], memory: dict[str, torch.Tensor], where: Path, cast: bool = False
+    saved: dict[str, torch.Tensor],
+    memory: dict[str, torch.Tensor],
+    where: Path,
+    cast: bool = False,
+    tied: set[str] = frozenset(),
 ) -> None:
-    """Every saved tensor equals its in-memory original bit for bit; none is missing from the file.
-    (A file may leave out tensors tied to others, e.g. an output layer tied to the embeddings.)
+    """Every saved tensor equals its in-memory original bit for bit, and none is missing from the
+    file but those in ``tied`` (an output layer tied to the embeddings is saved once).
     ``cast``: the save was written in another dtype on purpose; the in-memory tensor rounded to it
     must then give the saved one exactly."""
-    missing = sorted(set(memory) - set(saved))
     extra = sorted(set(saved) - set(memory))
-    if extra or (missing and len(missing) == len(memory)):
+    missing = sorted(set(memory) - set(saved) - set(tied))
+    if extra or missing:
+        names = extra or missing
+        what = "tensors the model in memory does not have" if extra else "no tensor for"
         raise KaikaError(
-            f"verification failed: {where} holds tensors the model in memory does not ({', '.join(extra[:3])}"
-            f"{'…' if len(extra) > 3 else ''}) or none of its own; the save is not the trained model"
+            f"verification failed: {where} holds {what}: {', '.join(names[:3])}{'…' if len(names) > 3 else ''}; "
+            "the save is not the trained model"
         )
     for name, tensor in saved.items():
         mine = memory[name].detach().cpu()
@@ -150,7 +158,7 @@ def verify_adapter(
         base = base.to(next(trained.parameters()).device)
     reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     saved = {k: v.detach().clone() for k, v in get_peft_model_state_dict(reloaded).items()}
-    diff, tol, noise = same_computation(
+    diff, tol, _ = same_computation(
         reloaded,
         batch,
         with_saved=lambda: set_peft_model_state_dict(reloaded, saved),
@@ -186,14 +194,22 @@ def verify_full_model(
     saved: dict[str, torch.Tensor] = {}
     for f in files:
         saved.update(load_file(f))
-    check_tensors(saved, memory, model_dir, cast)
-    dtype = next(iter(saved.values())).dtype
+    check_tensors(saved, memory, model_dir, cast, tied_names(trained))
+    floats = [t.dtype for t in saved.values() if t.is_floating_point()]
+    dtype = max(set(floats), key=floats.count)  # the dtype the weights were written in
     args = model_args or ModelArgs(base_model=str(model_dir))
-    reloaded = load_model(ModelArgs(**{**args.__dict__, "base_model": str(model_dir), "gguf_file": None,
-                                       "quantization": "none", "dtype": _dtype_name(dtype)}))  # fmt: skip
+    if dtype not in DTYPE_NAMES:
+        raise KaikaError(
+            f"verification failed: {model_dir} was written in {dtype}, which kaika does not load"
+        )
+    reloaded = load_model(
+        replace(
+            args, base_model=str(model_dir), gguf_file=None, quantization="none", dtype=DTYPE_NAMES[dtype]
+        )
+    )
     reloaded = reloaded.to(next(trained.parameters()).device)
     own = {k: v.detach().clone() for k, v in reloaded.state_dict().items()}
-    diff, tol, noise = same_computation(
+    diff, tol, _ = same_computation(
         reloaded,
         batch,
         with_saved=lambda: reloaded.load_state_dict(own),
@@ -210,5 +226,13 @@ def verify_full_model(
     return diff
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+def tied_names(model) -> set[str]:
+    """State-dict names of tensors that share storage with an earlier one (saved once, under it)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel():
+            tied.add(name)
+        seen.setdefault(ptr, name)
+    return tied

@@ -82,7 +82,8 @@ def logit_transform(model) -> LogitTransform:
     steps = []
     for where, name, kind in LOGIT_TRANSFORMS:
         value = getattr(base if where == "module" else config, name, None)
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        identity = kind in ("scale", "divide") and value == 1  # Granite's default: nothing to apply
+        if isinstance(value, int | float) and not isinstance(value, bool) and not identity:
             steps.append((kind, float(value)))
     return LogitTransform(steps)
 
@@ -284,6 +285,8 @@ def probe_output_layer(model, transform: LogitTransform | None = None) -> str | 
         own = model(**inputs, use_cache=False).logits.float()
         hidden = decoder_output(model, inputs, torch.ones_like(ids, dtype=torch.bool))
         ours = transform(torch.nn.functional.linear(hidden, head.weight, head.bias).float())
+    except Exception as e:  # a head or forward kaika's loss cannot drive: the model's own loss instead
+        return f"kaika's loss cannot run on it ({type(e).__name__}: {e})"
     finally:
         model.train(was_training)
     scale = own.abs().max().item()

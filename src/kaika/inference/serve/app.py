@@ -197,6 +197,15 @@ def install_errors(app: FastAPI) -> None:
             message = f"{'.'.join(loc) or 'body'}: {err['msg']}"
         return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
 
+    @app.exception_handler(KaikaError)
+    async def kaika_error(request: Request, exc: KaikaError):  # a value the model cannot take
+        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # never a plain-text 500
+        log.exception("request failed")
+        return JSONResponse(APIError(500, str(exc), "server_error").body(), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
@@ -261,7 +270,8 @@ def create_app(pool: ModelPool, options: ServeOptions) -> FastAPI:
             prompt = chat_prompt(entry.template, req.messages)
         except KaikaError as e:
             raise APIError(400, str(e), param="messages") from None
-        args = api.generate_args(req, req.max_completion_tokens or req.max_tokens)
+        limit = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        args = api.generate_args(req, limit)
         return await api.answer(req, entry, api.prompt_ids(prompt, args), args, chat=True)
 
     return app

@@ -20,7 +20,7 @@ class Sampling(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)  # extension
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**32)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
