@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,23 @@ SWEEPS = sorted((Path(__file__).resolve().parents[2] / "configs" / "sweeps").glo
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_shipped_sweep_loads(path):
+    # Each shipped sweep builds a valid config for every variant at every grid point, and each
+    # grid value reaches the run's config (the file is read independently of load_sweep here).
+    spec = yaml.safe_load(path.read_text())
+    grid = spec["grid"]
+    points = (
+        grid
+        if isinstance(grid, list)
+        else [dict(zip(grid, vals, strict=True)) for vals in product(*grid.values())]
+    )
     runs = load_sweep(path)
-    assert len(runs) == 8 and {r.variant for r in runs} == {"fused", "q,v", "q,k,v", "all-linear"}
-    assert {r.config.lora.r for r in runs} == {4, 16}
+    assert len(runs) == len(spec["variants"]) * len(points)
+    assert {r.variant for r in runs} == set(spec["variants"])
+    for run in runs:
+        for key, value in run.point.items():
+            section, field = key.split(".")
+            assert getattr(getattr(run.config, section), field) == value
+    assert len({run.name for run in runs}) == len(runs)
 
 
 def write_sweep(tmp_path, base_dir: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kaika.cli.options import add_generate_args, add_inference_args, generate_args
+from kaika.cli.options import add_generate_args, add_inference_args, generate_args, positive_int
 from kaika.config import coerce
 
 MODEL_HELP = (
@@ -32,8 +32,10 @@ def add_loss(sub) -> None:
     loss.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
     loss.add_argument("--data", required=True, help="Held-out instruction data (Alpaca JSON/JSONL, dataset)")
     loss.add_argument("--json", dest="json_path", help="Also write the results as JSON to this file")
-    loss.add_argument("--batch-size", type=int, default=4, help="Examples per forward pass (default: 4)")
-    loss.add_argument("--cutoff-len", type=int, help="Override the run's cutoff_len")
+    loss.add_argument(
+        "--batch-size", type=positive_int, default=4, help="Examples per forward pass (default: 4)"
+    )
+    loss.add_argument("--cutoff-len", type=positive_int, help="Override the run's cutoff_len")
     loss.add_argument(
         "--columns", nargs="+", metavar="KEY=VALUE", help="Column mapping, as for kaika train --columns"
     )
@@ -65,7 +67,7 @@ def add_generate(sub) -> None:
         default=True,
         help="Also answer with the base model (adapter switched off) to compare (default: yes)",
     )
-    gen.add_argument("--limit", type=int, help="Only the first N tasks")
+    gen.add_argument("--limit", type=positive_int, help="Only the first N tasks")
     gen.add_argument(
         "--show", type=int, default=0, metavar="N", help="Print the first N answers side by side"
     )
@@ -85,9 +87,11 @@ def add_judge_args(gen: argparse.ArgumentParser) -> None:
         "--judge-api-key", help="API key (default: $KAIKA_JUDGE_API_KEY, else $OPENAI_API_KEY, else none)"
     )
     judge.add_argument(
-        "--judge-concurrency", type=int, default=4, help="Parallel judge requests (default: 4)"
+        "--judge-concurrency", type=positive_int, default=4, help="Parallel judge requests (default: 4)"
     )
-    judge.add_argument("--judge-max-tokens", type=int, default=512, help="Tokens per judgment (default: 512)")
+    judge.add_argument(
+        "--judge-max-tokens", type=positive_int, default=512, help="Tokens per judgment (default: 512)"
+    )
 
 
 def add_compare(sub) -> None:

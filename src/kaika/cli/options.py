@@ -65,6 +65,17 @@ def namespace_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (batch sizes, counts, limits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, GenerateArgs, "generate")
 

@@ -380,5 +380,7 @@ def save_full_model(cfg: PretrainConfig, model, out: Path) -> None:
     trained_dtype = next(model.parameters()).dtype
     save_dtype = DTYPES.get(cfg.pretrain.save_dtype, trained_dtype)
     model.to(save_dtype)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="1000GB")
-    model.to(trained_dtype)
+    try:
+        model.save_pretrained(out, safe_serialization=True, max_shard_size="1000GB")
+    finally:
+        model.to(trained_dtype)

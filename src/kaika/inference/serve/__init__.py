@@ -60,6 +60,12 @@ def serve(
     options.api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     if options.queue_size < 0:
         raise KaikaError(f"--queue-size must be 0 or more, got {options.queue_size}")
+    if options.max_tokens_limit < 1:
+        raise KaikaError(f"--max-tokens-limit must be at least 1, got {options.max_tokens_limit}")
+    if options.context_length is not None and options.context_length < 2:
+        raise KaikaError(f"--context-length must be at least 2, got {options.context_length}")
+    if not 0 < options.port < 65536:
+        raise KaikaError(f"--port must be between 1 and 65535, got {options.port}")
     if options.defaults.num_beams != 1:
         raise KaikaError(
             "serve streams and samples token by token; beam search is not offered (--num-beams 1)"

@@ -139,7 +139,12 @@ class Api:
         self.admit()
         if req.stream:
             stream = Stream(self.pool.tokenizer, generate, req.stops())
-            stream.start(self.worker).add_done_callback(self.release)
+            try:
+                future = stream.start(self.worker)
+            except BaseException:
+                self.counts["admitted"] -= 1  # never queued: its slot is free again
+                raise
+            future.add_done_callback(self.release)
             events = self.events(stream, ChunkWriter(rid, created, entry.name, chat), req, cancel)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
