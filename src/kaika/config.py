@@ -45,7 +45,7 @@ SaveDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 def option(default: Any, help: str, **bounds: float) -> Any:
     """A config field: its default, its one-line help, and optional bounds checked when the config
-    is built: ``ge``/``gt`` (at least / more than), ``le``/``lt`` (at most / less than)."""
+    is built: ``ge``/``gt`` (at least / more than), ``le``/``lt`` (at most / less than), ``ne`` (not)."""
     meta = {"help": help, **bounds}
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -66,7 +66,8 @@ def choices(tp: Any) -> tuple[str, ...] | None:
 
 
 BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
-          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}  # fmt: skip
+          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b),
+          "ne": ("!=", lambda v, b: v != b)}  # fmt: skip
 
 
 def _check_value(value: Any, f: dataclasses.Field, tp: Any, where: str) -> None:
@@ -192,7 +193,7 @@ class TrainArgs(Checked):
 
     output_dir: str = option("runs/kaika-lora", "Where the adapter, config, logs and report are written.")
     epochs: float = option(3.0, "Training epochs (ignored when max_steps > 0).", gt=0)
-    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: use epochs).", ge=-1)
+    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: use epochs).", ge=-1, ne=0)
     lr: float = option(3e-4, "Peak learning rate.", gt=0)
     scheduler: Scheduler = option("linear", "Learning-rate schedule (transformers' names).")
     warmup_steps: int = option(0, "Linear warm-up steps.", ge=0)

@@ -75,7 +75,9 @@ def test_not_an_object_missing_file_and_empty_file(tmp_path):
     path.write_text('["a", "b"]\n', encoding="utf-8")
     assert "expected a JSON object" in problems_of(path)[0][0].message
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    assert "contains no records" in problems_of(tmp_path / "empty.jsonl")[0][0].message
+    assert "the file is empty" in problems_of(tmp_path / "empty.jsonl")[0][0].message
+    (tmp_path / "empty.json").write_bytes(b"")
+    assert "the file is empty" in problems_of(tmp_path / "empty.json")[0][0].message
     assert "not found" in problems_of(tmp_path / "nope.jsonl")[0][0].message
 
 
@@ -145,3 +147,23 @@ def test_builtin_data_by_name():
     assert len(elyza) == 100 and all(r["input"] == "" and r["output"] for r in elyza)
     with pytest.raises(KaikaError, match="a builtin: seed-tasks-ja, elyza-tasks-100"):
         load_records(["seed-tasks-jp"])
+
+
+def test_bom_json_lines_named_json_and_a_directory_of_files(tmp_path):
+    # What editors and libraries write: a UTF-8 BOM (Excel, Notepad), JSON Lines in a .json file
+    # (datasets' to_json); a directory of files names the file and line of a bad record.
+    recs = [{"instruction": f"問{i}", "output": f"答{i}"} for i in range(3)]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    (tmp_path / "lines.json").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom_array.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(recs).encode())
+    for name in ("bom.jsonl", "lines.json", "bom_array.json"):
+        assert load_records([str(tmp_path / name)]) == [{**r, "input": ""} for r in recs], name
+    d = tmp_path / "dir"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.jsonl").write_text(lines, encoding="utf-8")
+    (d / "sub" / "b.json").write_text('[{"instruction": "x"}]', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_records([str(d)])
+    (problem,) = err.value.problems
+    assert problem.where == "sub/b.json line 1 (record 0)" and problem.field == "output"

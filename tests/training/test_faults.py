@@ -219,6 +219,30 @@ def test_resume_in_the_middle_of_an_epoch_replays_the_same_batches(tmp_path, gro
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_resume_never_trains_past_the_planned_steps(tmp_path):
+    # A run killed during its final save has its last checkpoint at max_steps but no adapter; a
+    # finished run resumed has both. Either way --resume has nothing left to train: it must save
+    # the checkpoint's adapter, bit for bit the uninterrupted run's, without a step more.
+    from safetensors.torch import load_file
+
+    cfg = make_config(tmp_path, max_steps=4, save_steps=2, lr=1e-2)
+    ref = train(cfg)
+    weights = Path(ref.output_dir) / "adapter_model.safetensors"
+    expected = load_file(weights)
+    weights.unlink()  # the kill during the final save
+    cfg.train.resume = True
+    for _ in range(2):  # the torn run, then the finished one
+        again = train(cfg)
+        assert again.global_step == 4
+        got = load_file(weights)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        log = [
+            json.loads(line) for line in (Path(ref.output_dir) / "trainer_log.jsonl").read_text().splitlines()
+        ]
+        assert max(row.get("step", 0) for row in log) == 4
+
+
 def test_trim_log_keeps_the_rows_up_to_the_resumed_step(tmp_path):
     log = tmp_path / "trainer_log.jsonl"
     rows = [{"step": s, "loss": 1.0} for s in range(1, 6)] + [{"step": 4, "eval_loss": 2.0}]

@@ -110,7 +110,7 @@ def test_output_dir_is_protected(tmp_path):
     with pytest.raises(KaikaError, match="not empty"):
         train(cfg)
     cfg.train.overwrite = True
-    with pytest.raises(KaikaError, match="does not look like a kaika run"):
+    with pytest.raises(KaikaError, match="only replaces a directory kaika wrote.*notes.txt"):
         train(cfg)
     cfg.train.overwrite, cfg.train.resume = False, True
     with pytest.raises(KaikaError, match="no checkpoint"):

@@ -29,11 +29,14 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 def run_generate(ns: argparse.Namespace) -> None:
     from kaika.data.records import load_prompts
+    from kaika.guard import check_output_file
     from kaika.inference.generate import answer_file, generate, load_for_inference
 
     if bool(ns.instruction) == bool(ns.file):
         raise KaikaError("give either an INSTRUCTION or --file PROMPTS.jsonl")
     args = generate_args(ns)
+    if ns.output:
+        check_output_file(ns.output, [ns.file] if ns.file else [])
     loaded = load_for_inference(ns.adapter_dir, ns.base_model, ns.base_only, ns.dtype, ns.template)
     if ns.instruction:
         stream = sys.stdout.isatty() if ns.stream is None else ns.stream

@@ -40,6 +40,7 @@ from kaika.config import DataArgs
 from kaika.data.records import FIELDS, Problem, iter_source, normalise_record
 from kaika.data.stats import TokenLengths
 from kaika.errors import KaikaError
+from kaika.guard import check_output_file
 
 SEVERITIES = ("info", "warning", "error")
 # kind -> (severity, what it means); the order is the order of the report.
@@ -587,19 +588,30 @@ def fix_files(
         raise KaikaError(
             f"--fix: {unreadable[0].location()}: {unreadable[0].message}; repair unreadable lines first"
         )
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise KaikaError(f"--out-dir {out_dir} is a file; give a directory for the fixed files")
+    targets = {}  # every output checked before the first is written
+    for source in sources:
+        src = Path(source)
+        base = Path(out_dir) if out_dir else src.parent
+        targets[source] = (base / f"{src.stem}.fixed.jsonl", base / f"{src.stem}.fixes.jsonl")
+    outputs = [p for pair in targets.values() for p in pair]
+    for p in outputs:
+        if p.resolve() in {Path(s).resolve() for s in sources}:
+            raise KaikaError(f"{p} is an input; --fix never writes in place: choose another --out-dir")
+        if p.exists() and not overwrite:
+            raise KaikaError(f"{p} exists: pass --overwrite or choose another --out-dir")
+        check_output_file(p, sources, "--fix output")
+    if len(set(outputs)) < len(outputs):
+        raise KaikaError(
+            "two inputs have the same file name, so their fixed files would collide: use --out-dir per file"
+        )
     written = []
     for source in sources:
         mine = [r for r in recs if r.source == source]
         japanese = opts.lang == "ja" or (opts.lang == "auto" and is_japanese_source(mine))
-        src = Path(source)
-        base = Path(out_dir) if out_dir else src.parent
-        fixed, log = base / f"{src.stem}.fixed.jsonl", base / f"{src.stem}.fixes.jsonl"
-        for p in (fixed, log):
-            if p.resolve() in {Path(s).resolve() for s in sources}:
-                raise KaikaError(f"{p} is an input; --fix never writes in place: choose another --out-dir")
-            if p.exists() and not overwrite:
-                raise KaikaError(f"{p} exists: pass --overwrite or choose another --out-dir")
-        base.mkdir(parents=True, exist_ok=True)
+        fixed, log = targets[source]
+        fixed.parent.mkdir(parents=True, exist_ok=True)
         changes = 0
         with fixed.open("w", encoding="utf-8") as fo, log.open("w", encoding="utf-8") as fl:
             for rec in mine:

@@ -7,6 +7,7 @@ and read back by every command that prompts the model, so it is always prompted 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,9 @@ class PromptTemplate:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, indent=2) + "\n"
+
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def builtin_templates() -> list[str]:
@@ -74,6 +78,20 @@ def load_template(name_or_path: str | Path) -> PromptTemplate:
         for placeholder in needed:
             if placeholder not in data[key]:
                 raise KaikaError(f"template {name_or_path}: {key} lacks the placeholder {placeholder}")
+        # A placeholder kaika does not fill would reach the model as literal text ("{output}" trained
+        # as part of every prompt), so any other {name} is refused.
+        for stray in dict.fromkeys(PLACEHOLDER.findall(data[key])):
+            if "{" + stray + "}" not in needed:
+                raise KaikaError(
+                    f"template {name_or_path}: {key} has the placeholder {{{stray}}}, which kaika does not "
+                    f"fill (it would be trained as literal text); {key} may use only {', '.join(needed)}"
+                )
+    split = data["response_split"]
+    if not split.strip() or any(split not in data[k] for k in ("prompt_input", "prompt_no_input")):
+        raise KaikaError(
+            f"template {name_or_path}: response_split {split!r} must be non-empty text found in both "
+            "prompts (generate cuts the answer after it)"
+        )
     return PromptTemplate(
         prompt_input=data["prompt_input"],
         prompt_no_input=data["prompt_no_input"],

@@ -140,6 +140,27 @@ def _iter_dataset(source: str, problems: list[Problem]) -> Iterator[tuple[str, A
         yield f"record {i}", rec
 
 
+def _one_json_value(raw: bytes) -> bool:
+    """Whether ``raw`` holds one JSON value (else, typically, JSON Lines)."""
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError as e:
+        return e.msg != "Extra data"  # a later value after the first: JSON Lines
+    except UnicodeDecodeError:
+        return True  # reported by the JSON reader with its position
+    return True
+
+
+def _json_files(directory: Path) -> list[Path]:
+    """The data files of a directory that holds only JSON/JSONL data (not a saved dataset)."""
+    if (directory / "dataset_info.json").exists() or (directory / "state.json").exists():
+        return []
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if files and all(p.suffix in (".json", ".jsonl") for p in files):
+        return files
+    return []
+
+
 def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
     """``(where, raw record)`` of one source, unvalidated; read errors are appended to ``problems``.
 
@@ -154,8 +175,20 @@ def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any
         except OSError as e:
             problems.append(Problem(source, "file", None, f"cannot read: {e.strerror}"))
             return
-        is_array = path.suffix == ".json" or raw.lstrip()[:1] == b"["
+        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Excel, Notepad): not data
+        if not raw.strip():
+            problems.append(Problem(source, "file", None, "the file is empty"))
+            return
+        # A JSON array, or JSON Lines, told apart by content: datasets' to_json() writes JSON Lines
+        # into files named .json, and a .json of one record per line is common.
+        is_array = raw.lstrip()[:1] == b"[" or (path.suffix == ".json" and _one_json_value(raw))
         yield from (_iter_json if is_array else _iter_jsonl)(path, raw, problems)
+    elif path.is_dir() and _json_files(path):
+        # A directory of JSON/JSONL files: each read as a file, so a problem names its file and line.
+        for file in _json_files(path):
+            rel = file.relative_to(path)
+            for where, rec in iter_source(str(file), problems):
+                yield f"{rel} {where}", rec
     elif path.is_dir() or ("/" in source and path.suffix not in (".json", ".jsonl") and not path.exists()):
         yield from _iter_dataset(source, problems)
     else:

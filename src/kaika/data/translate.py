@@ -33,6 +33,7 @@ from typing import Any, Literal
 from kaika.config import Checked, check, option
 from kaika.data.records import FIELDS, DataError, Problem, iter_source, normalise_record
 from kaika.errors import KaikaError
+from kaika.guard import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -290,19 +291,16 @@ def default_output(input_path: str, target_lang: str) -> Path:
     return p.with_name(f"{p.stem}.{target_lang.lower()}.jsonl")
 
 
-def read_done(output: Path, source: str, target_lang: str) -> set[int]:
-    """Input indices the output already holds. A torn last line (killed mid-write) is cut off."""
+def read_done(output: Path, source: str, target_lang: str, repair: bool = True) -> set[int]:
+    """Input indices the output already holds. A torn last line (killed mid-write) is cut off
+    (``repair``), but only once every whole line has shown the file to be a kaika translation of
+    this input: a file that is not one is refused untouched."""
     if not output.exists():
         return set()
     raw = output.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        keep = raw.rfind(b"\n") + 1
-        log.info("%s: dropping an unfinished last line (the previous run was stopped mid-write)", output)
-        with output.open("r+b") as fh:
-            fh.truncate(keep)
-        raw = raw[:keep]
+    keep = raw.rfind(b"\n") + 1 if raw and not raw.endswith(b"\n") else len(raw)
     done = set()
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(raw[:keep].decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -319,6 +317,16 @@ def read_done(output: Path, source: str, target_lang: str) -> set[int]:
                 f"{source} into {target_lang}; choose another --output"
             )
         done.add(index)
+    if keep < len(raw):
+        if not done:  # nothing shows the file is ours: never cut a stranger's file
+            raise KaikaError(
+                f"{output}: its only line is unfinished and not a kaika translate record; "
+                "choose another --output"
+            )
+        if repair:
+            log.info("%s: dropping an unfinished last line (the previous run was stopped mid-write)", output)
+            with output.open("r+b") as fh:
+                fh.truncate(keep)
     return done
 
 
@@ -421,6 +429,11 @@ class DeepLSession:
             self.glossary_key,
         )
 
+    def uncached(self, job: Job) -> bool:
+        """Whether ``job`` has a field the cache cannot answer (so DeepL must be asked)."""
+        wanted = list(job.xml.values())
+        return len(self.cache.get(wanted, self.context())) < len(set(wanted))
+
     def translator(self):
         if self._translator is None:
             import deepl  # optional at import time: dry runs and cache-only resumes never need it
@@ -496,7 +509,8 @@ def translate_file(input_path: str, args: TranslateArgs) -> TranslateResult:
     records = read_input(input_path, args.columns)  # all input checked before anything is sent
     chosen = select(len(records), args.limit, args.sample, args.seed)
     output = Path(args.output) if args.output else default_output(input_path, args.target_lang)
-    done = read_done(output, input_path, args.target_lang)
+    check_output_file(output, [input_path])
+    done = read_done(output, input_path, args.target_lang, repair=not args.dry_run)
     result = TranslateResult(output, selected=len(chosen), already_done=len(done & set(chosen)))
     jobs = [plan(records[i], args.fields) for i in chosen if i not in done]
     cache = TranslationCache(Path(args.cache) if args.cache else default_cache())
@@ -504,6 +518,8 @@ def translate_file(input_path: str, args: TranslateArgs) -> TranslateResult:
         session = DeepLSession(args, cache)
         if args.dry_run:
             return estimate(jobs, session, result, args.price_per_million)
+        if any(session.uncached(job) for job in jobs):
+            session.translator()  # no key: say so before the output file is created
         run_jobs(jobs, input_path, session, output, result)
     finally:
         cache.close()

@@ -150,6 +150,8 @@ def answer_file(
 
     from tqdm.auto import tqdm
 
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
     sink = Path(output).open("w", encoding="utf-8") if output else nullcontext(sys.stdout)  # noqa: SIM115
     with (
         sink as out,

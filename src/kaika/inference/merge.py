@@ -22,6 +22,7 @@ from kaika.data.messages import jinja_chat_template
 from kaika.data.prompts import PromptTemplate
 from kaika.data.tokenize import encode_prompt, pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
+from kaika.guard import check_inputs_outside, check_replaceable, replace_owned
 from kaika.modeling.builtin import BUILTIN_CARDS
 from kaika.modeling.load import DTYPES, ModelSource, load_model, load_tokenizer
 from kaika.modeling.verify import compare_logits, masked_logits, verify_full_model
@@ -69,6 +70,8 @@ def merge(
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     run = RunDir.open(adapter_dir, base_model)
     check_out_dir(out_dir, adapter_dir, force)
+    if run.source.path is not None:
+        check_inputs_outside(out_dir, [run.source.path], "writing the merged model")
     if dtype not in DTYPES:
         raise KaikaError(f"unknown dtype {dtype!r} for the merged checkpoint; use {', '.join(DTYPES)}")
     cfg = run_config(run)
@@ -105,8 +108,8 @@ def merge(
             encoding="utf-8",
         )
         files = sorted(p.name for p in tmp.iterdir())
-        if out_dir.exists():  # --force: checked above that it is ours to replace
-            shutil.rmtree(out_dir)
+        if out_dir.exists():  # --force: checked above, and again now, that kaika wrote it
+            replace_owned(out_dir, "--force")
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,8 +122,12 @@ def check_out_dir(out_dir: Path, adapter_dir: Path, force: bool) -> None:
         raise KaikaError(f"{out_dir} exists and is a file; choose a directory for the merged model")
     if out_dir.resolve() == adapter_dir.resolve() or adapter_dir.resolve().is_relative_to(out_dir.resolve()):
         raise KaikaError(f"{out_dir} holds the adapter itself; write the merged model somewhere else")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise KaikaError(f"{out_dir} is not empty: pass --force to replace it, or choose another directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise KaikaError(
+                f"{out_dir} is not empty: pass --force to replace it, or choose another directory"
+            )
+        check_replaceable(out_dir, "--force")
 
 
 def run_config(run: RunDir) -> TrainConfig:

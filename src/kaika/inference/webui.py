@@ -15,9 +15,10 @@ from pathlib import Path
 
 from kaika.config import GenerateArgs
 from kaika.data.tokenize import encode_prompt
-from kaika.errors import KaikaError
+from kaika.errors import KaikaError, require_extra
 from kaika.inference.engine import ContextTooLong, Stream, check_fits, context_length, run
 from kaika.inference.generate import Loaded, load_for_inference
+from kaika.inference.listen import check_port_free
 
 LABELS: dict[str, dict[str, str]] = {
     "en": {
@@ -166,6 +167,8 @@ def webui(
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
     if lang not in LABELS:
         raise KaikaError(f"unknown language {lang!r}; available: {', '.join(LABELS)}")
+    require_extra("webui", ("gradio",), "kaika webui")
+    check_port_free(host, port, "kaika webui").close()  # said now, not after the model has loaded
     loaded = load_for_inference(adapter_dir, base_model, dtype=dtype, template=template)
     demo = build_ui(loaded, lang, defaults, Path(adapter_dir).resolve().name)
     demo.queue(max_size=16).launch(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kaika.config import ModelArgs
-from kaika.errors import KaikaError
+from kaika.errors import KaikaError, require_extra
 from kaika.modeling.attention import set_attention
 from kaika.modeling.builtin import builtin_model_path, builtin_names
 
@@ -110,10 +110,22 @@ def _load_error(what: str, source: ModelSource, err: Exception) -> KaikaError:
     )
     if "/" not in source.path and not Path(source.path).exists():
         hint += f" Builtin models: {', '.join(builtin_names())}."
+    if (Path(source.path) / "config.json").is_file() and not isinstance(err, OSError):
+        hint += f" Check {Path(source.path) / 'config.json'}: a field has a wrong type or value."
+    err = " ".join(str(err).split())  # the hub's validation errors span several lines
     return KaikaError(
         f"could not load the {what} from {source.path}"
         f"{' (' + source.gguf_file + ')' if source.gguf_file else ''}: {err}.{hint}"
     )
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """What from_pretrained raises for a missing, unreadable or malformed checkpoint: a missing file
+    (OSError), a bad value or a wrong type in config.json (ValueError, TypeError, and the hub's
+    strict-dataclass validation), a config without a field the model class needs (KeyError)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (OSError, ValueError, TypeError, KeyError, StrictDataclassError)
 
 
 def load_tokenizer(args: ModelArgs, source: ModelSource | None = None):
@@ -124,7 +136,7 @@ def load_tokenizer(args: ModelArgs, source: ModelSource | None = None):
         return AutoTokenizer.from_pretrained(
             source.path, trust_remote_code=args.trust_remote_code, **source.kwargs()
         )
-    except (OSError, ValueError) as e:
+    except load_errors() as e:
         raise _load_error("tokenizer", source, e) from None
     except ImportError as e:  # transformers asks for the gguf package only when a GGUF file is read
         raise missing_gguf(e) from None
@@ -142,6 +154,7 @@ def quantization_config(args: ModelArgs, dtype: torch.dtype):
             f"--quantization {args.quantization} needs a CUDA GPU (bitsandbytes), and this machine has none: "
             "run without it (the model loads in full precision on the CPU) or on a GPU machine"
         )
+    require_extra("gpu", ("bitsandbytes",), f"--quantization {args.quantization}")
     from transformers import BitsAndBytesConfig
 
     if args.quantization == "8bit":
@@ -184,7 +197,7 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
             trust_remote_code=args.trust_remote_code,
             **source.kwargs(),
         )
-    except (OSError, ValueError) as e:
+    except load_errors() as e:
         raise _load_error("model", source, e) from None
     except ImportError as e:
         raise missing_gguf(e) from None

@@ -20,6 +20,7 @@ from kaika.data.packing import PackedCollator, enable_packed_attention, pack_doc
 from kaika.data.records import DataError, Problem, iter_source, split_records
 from kaika.data.tokenize import pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
+from kaika.guard import check_inputs_outside
 from kaika.modeling.load import (
     DTYPES,
     load_model,
@@ -47,6 +48,7 @@ from kaika.training.trainer import (
     is_main_process,
     plot_loss_curve,
     prepare_output_dir,
+    run_lock,
 )
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,11 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = check_pretrain_config(cfg)
-    cfg = master_weights(cfg)
+    with run_lock(out):  # a second run into the same directory is refused, not interleaved
+        return _pretrain(master_weights(cfg), out)
+
+
+def _pretrain(cfg: PretrainConfig, out: Path) -> PretrainResult:
     train_docs, val_docs = load_documents(cfg)  # all input checked before any model is built
     tokenizer = build_tokenizer(cfg, train_docs, out)
     train_set, train_report = pack(cfg, tokenizer, train_docs, "train")
@@ -131,6 +137,9 @@ def check_pretrain_config(cfg: PretrainConfig) -> Path:
         raise KaikaError("full-parameter training cannot use a quantized base: drop --quantization")
     if p.from_scratch and not Path(p.from_scratch).exists():
         raise KaikaError(f"--from-scratch {p.from_scratch}: no such file or directory")
+    if cfg.train.overwrite:
+        inputs = [*p.data, *p.val_data, *([p.from_scratch] if p.from_scratch else [])]
+        check_inputs_outside(cfg.train.output_dir, inputs, "--overwrite")
     return check_output_dir(cfg.train)
 
 

@@ -19,6 +19,7 @@ from kaika.data.prompts import PromptTemplate, load_template
 from kaika.data.records import load_records, split_records
 from kaika.data.tokenize import DataReport, PadCollator, encode_records, pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
+from kaika.guard import check_inputs_outside
 from kaika.modeling.load import (
     ModelSource,
     load_model,
@@ -46,6 +47,7 @@ from kaika.training.trainer import (
     is_main_process,
     plot_loss_curve,
     prepare_output_dir,
+    run_lock,
     world_size,
 )
 
@@ -68,6 +70,11 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     out = check_config(cfg)
+    with run_lock(out):  # a second run into the same directory is refused, not interleaved
+        return _train(cfg, out)
+
+
+def _train(cfg: TrainConfig, out: Path) -> TrainResult:
     template = load_template(cfg.data.template)
     train_records, val_records = load_data(cfg)  # all input checked before any model is loaded
     source = resolve_source(cfg.model)
@@ -98,14 +105,29 @@ def check_config(cfg: TrainConfig) -> Path:
     check(cfg)  # choices and bounds again: the Python API may have assigned fields after building
     gradient_accumulation(cfg.train, world_size())
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    if cfg.train.overwrite:
+        check_inputs_outside(cfg.train.output_dir, [*cfg.data.data, *cfg.data.val_data], "--overwrite")
     return check_output_dir(cfg.train)
 
 
 def load_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     records = load_records(cfg.data.data, cfg.data.columns)
+    warn_duplicates(records)
     if cfg.data.val_data:
         return records, load_records(cfg.data.val_data, cfg.data.columns)
     return split_records(records, cfg.data.val_set_size, cfg.train.seed)
+
+
+def warn_duplicates(records: list[dict[str, str]]) -> None:
+    """Identical records train with double weight, usually by accident (a file given twice, a merge)."""
+    seen = len({(r["instruction"], r["input"], r["output"]) for r in records})
+    if seen < len(records):
+        log.warning(
+            "%d of %d training records are exact duplicates of another (a file given twice?); each copy "
+            "trains again. `kaika data check FILE` lists them",
+            len(records) - seen,
+            len(records),
+        )
 
 
 def tokenize_data(cfg: TrainConfig, template: PromptTemplate, tokenizer, train_records, val_records):

@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,8 @@ from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from kaika.config import TrainArgs
 from kaika.errors import KaikaError
-from kaika.rundir import CHECKPOINTS, LOG_FILE, is_run
+from kaika.guard import LOCK_FILE, OWNER_FILE, DirLock, check_replaceable, claim, empty_owned
+from kaika.rundir import CHECKPOINTS, LOG_FILE
 from kaika.training.faults import check_writable, guarded_training
 from kaika.training.loss import (
     FastLoss,
@@ -58,8 +59,13 @@ def check_output_dir(args: TrainArgs) -> Path:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise KaikaError(f"output_dir {out} exists and is a file")
+    if args.resume and args.overwrite:
+        raise KaikaError(
+            "--resume and --overwrite contradict each other: --resume continues the run in "
+            f"{out}, --overwrite deletes it first. Pass one of them"
+        )
     check_writable(out)
-    contents = list(out.iterdir()) if out.is_dir() else []
+    contents = [p for p in out.iterdir() if p.name not in (LOCK_FILE, OWNER_FILE)] if out.is_dir() else []
     if args.resume:
         if not list((out / CHECKPOINTS).glob("checkpoint-*")):
             raise KaikaError(
@@ -71,19 +77,24 @@ def check_output_dir(args: TrainArgs) -> Path:
             f"output_dir {out} is not empty: pass --overwrite to replace it, --resume to continue "
             "its training, or choose another --output-dir"
         )
-    if contents and not is_run(out):
-        raise KaikaError(
-            f"output_dir {out} is not empty and does not look like a kaika run; "
-            "refusing to overwrite it: choose another --output-dir"
-        )
+    if contents:
+        check_replaceable(out, "--overwrite")
     return out
+
+
+def run_lock(out: Path):
+    """One process writes a run directory at a time (rank 0 holds the lock for a multi-process run)."""
+    return DirLock(out) if is_main_process() else contextlib.nullcontext()
 
 
 def prepare_output_dir(args: TrainArgs) -> None:
     """--overwrite: the old run goes (rank 0 only), now that data, config and model have all loaded."""
     out = Path(args.output_dir)
-    if is_main_process() and args.overwrite and not args.resume and out.exists():
-        shutil.rmtree(out)
+    if not is_main_process():
+        return
+    if args.overwrite and not args.resume and out.exists():
+        empty_owned(out)
+    claim(out, "run")
 
 
 def gradient_accumulation(args: TrainArgs, world_size: int) -> int:
@@ -194,13 +205,38 @@ def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback())
+    trainer.add_callback(StopAtPlannedSteps())
     start = time.perf_counter()
     with guarded_training(trainer, t.resume, out / LOG_FILE) as resume_from:  # signals, nan/inf, disk
-        trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except PlannedStepsDone as done:
+            log.info("%s; saving it", done)
     seconds = time.perf_counter() - start
     if val_set and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
         trainer.evaluate()
     return Fitted(trainer, seconds)
+
+
+class PlannedStepsDone(Exception):
+    """Raised before the first step of a resumed run whose checkpoint already has every planned step."""
+
+
+class StopAtPlannedSteps(TrainerCallback):
+    """Resume never trains past the planned steps.
+
+    Trainer checks its stop condition only after a step, so a run resumed from a checkpoint that
+    already holds all ``max_steps`` (a run killed during its final save, or a finished run resumed)
+    would train one step more. At train begin the checkpoint's weights, optimizer and step are
+    loaded; if nothing is left to do, stop there, with the model as the checkpoint left it.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise PlannedStepsDone(
+                f"--resume: the checkpoint is at step {state.global_step} of {state.max_steps} planned, "
+                "nothing left to train"
+            )
 
 
 # --------------------------------------------------------------------------- what the user sees

@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass, field
 
 from kaika.config import GenerateArgs
-from kaika.errors import KaikaError
+from kaika.errors import KaikaError, require_extra
+from kaika.inference.listen import check_port_free
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ServeOptions:
     queue_size: int = 8  # requests that may wait while one generates; more get 429
     max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
     context_length: int | None = None  # prompt + max_tokens bound; None: from the model
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413 (a 128k-token prompt is ~0.5 MB)
     defaults: GenerateArgs = field(default_factory=GenerateArgs)  # for what a request leaves out
 
 
@@ -46,13 +48,8 @@ def serve(
     template: str | None = None,
 ) -> None:
     """Load the models, then serve until interrupted."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise KaikaError(
-            f"kaika serve needs the serve extra ({e.name} is missing): pip install 'kaika[serve]'"
-        ) from None
+    require_extra("serve", ("fastapi", "uvicorn"), "kaika serve")
+    import uvicorn
 
     from kaika.inference.serve.app import create_app
     from kaika.inference.serve.pool import ModelPool, parse_adapters
@@ -64,13 +61,17 @@ def serve(
         raise KaikaError(f"--max-tokens-limit must be at least 1, got {options.max_tokens_limit}")
     if options.context_length is not None and options.context_length < 2:
         raise KaikaError(f"--context-length must be at least 2, got {options.context_length}")
-    if not 0 < options.port < 65536:
-        raise KaikaError(f"--port must be between 1 and 65535, got {options.port}")
     if options.defaults.num_beams != 1:
         raise KaikaError(
             "serve streams and samples token by token; beam search is not offered (--num-beams 1)"
         )
-    pool = ModelPool(parse_adapters(adapters), base_model, base_name, dtype, template)
+    # The port is taken before the models load (minutes on a large base): a busy one fails at once.
+    sock = check_port_free(options.host, options.port, "kaika serve")
+    try:
+        pool = ModelPool(parse_adapters(adapters), base_model, base_name, dtype, template)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(pool, options)
     log.info(
         "serving %s on http://%s:%d/v1 (auth %s, context %s tokens, queue %d)",
@@ -85,11 +86,5 @@ def serve(
         log.warning(
             "listening on %s without --api-key: anyone who can reach it can use the model", options.host
         )
-    uvicorn.run(
-        app,
-        host=options.host,
-        port=options.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

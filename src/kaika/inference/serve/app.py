@@ -91,6 +91,9 @@ class Api:
         )
 
     def prompt_ids(self, prompt: str, args: GenerateArgs) -> list[int]:
+        """Tokenized and checked against the context; blocking (call it off the event loop)."""
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
         ids = encode_prompt(self.pool.tokenizer, prompt)
         try:
             check_fits(len(ids), args.max_new_tokens, self.options.context_length or self.pool.context_length)
@@ -213,7 +216,9 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+        code = "request_too_large" if exc.status_code == 413 else None
+        err = APIError(exc.status_code, str(exc.detail), code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code)
 
 
 def install_auth(app: FastAPI, api_key: str | None) -> None:
@@ -233,6 +238,42 @@ def install_auth(app: FastAPI, api_key: str | None) -> None:
         return await call_next(request)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 and never held whole.
+
+    A declared Content-Length over the limit is refused before any byte is read; a chunked body is
+    counted as it arrives and refused once it passes the limit (pydantic never sees it).
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def error(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            err = self.error() if declared.isdigit() else APIError(400, "invalid Content-Length header")
+            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    # An HTTPException is what FastAPI lets through from reading a body (others become
+                    # "error parsing the body"); the handler answers it in OpenAI's shape.
+                    raise StarletteHTTPException(413, self.error().message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(pool: ModelPool, options: ServeOptions) -> FastAPI:
     api = Api(pool, options)
 
@@ -244,6 +285,7 @@ def create_app(pool: ModelPool, options: ServeOptions) -> FastAPI:
     app = FastAPI(title="kaika", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     install_errors(app)
     install_auth(app, options.api_key)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -266,17 +308,24 @@ def create_app(pool: ModelPool, options: ServeOptions) -> FastAPI:
                 raise APIError(400, "one prompt per request (a list of exactly one string)", param="prompt")
             prompt = prompt[0]
         args = api.generate_args(req, req.max_tokens)
-        return await api.answer(req, entry, api.prompt_ids(prompt, args), args, chat=False)
+        # Tokenizing a long prompt takes a while: in a thread, so /health and other requests go on.
+        ids = await asyncio.to_thread(api.prompt_ids, prompt, args)
+        return await api.answer(req, entry, ids, args, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         entry = api.entry(req.model)
-        try:
-            prompt = chat_prompt(entry.template, req.messages)
-        except KaikaError as e:
-            raise APIError(400, str(e), param="messages") from None
         limit = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         args = api.generate_args(req, limit)
-        return await api.answer(req, entry, api.prompt_ids(prompt, args), args, chat=True)
+
+        def prompt_ids() -> list[int]:
+            try:
+                prompt = chat_prompt(entry.template, req.messages)
+            except KaikaError as e:
+                raise APIError(400, str(e), param="messages") from None
+            return api.prompt_ids(prompt, args)
+
+        ids = await asyncio.to_thread(prompt_ids)
+        return await api.answer(req, entry, ids, args, chat=True)
 
     return app

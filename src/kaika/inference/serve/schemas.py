@@ -28,6 +28,8 @@ class Sampling(BaseModel):
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(s) > 4:
             raise APIError(400, "at most 4 stop sequences", param="stop")
+        if any(not x or len(x) > 256 for x in s):
+            raise APIError(400, "each stop sequence must be 1 to 256 characters", param="stop")
         return s
 
 
