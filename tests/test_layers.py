@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kaika"
 
 # Bottom to top; a module may import from its own layer and the layers below it.
 LAYERS = [
-    ["errors", "config", "atomic", "assets"],  # assets: shipped files, no code
+    ["errors", "config", "atomic", "guard", "assets"],  # assets: shipped files, no code
     ["modeling"],
     ["data"],
     ["rundir"],

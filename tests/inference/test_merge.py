@@ -82,8 +82,14 @@ def test_refuses_to_overwrite_and_force_replaces(tmp_path, tiny_adapters):  # no
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(KaikaError, match="holds the adapter"):
         merge(adapter, adapter.parent, force=True)
-    r = merge(adapter, out, force=True, dtype="bfloat16")
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --force replaces only a directory kaika wrote: a user's folder is refused, files untouched.
+    with pytest.raises(KaikaError, match="only replaces a directory kaika wrote.*keep.txt"):
+        merge(adapter, out, force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    out = tmp_path / "merged"
+    merge(adapter, out)
+    r = merge(adapter, out, force=True, dtype="bfloat16")  # a merged model: kaika's, replaced
+    assert (out / "model.safetensors").is_file()
     # The merge is checked in float32; bf16's rounding is measured and reported, not hidden in a tolerance.
     assert r.max_abs_diff <= r.tolerance and r.rounding > r.tolerance
     assert (

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adapters import tiny_adapters  # noqa: F401  (fixture)
 
@@ -269,6 +271,102 @@ def test_generation_runs_off_the_event_loop_and_stops_when_the_client_leaves(ser
     after = httpx.get(f"{url}/health").json()
     assert after["admitted"] == 0
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+
+
+def test_bodies_are_capped_and_big_ones_do_not_stall_the_server(server):
+    url = server[0]
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"model": "ja", "prompt": "猫" * (5 * 1024 * 1024)}).encode()  # ~15 MB
+    r = httpx.post(f"{url}/v1/completions", content=big, headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for i in range(0, len(big), 1 << 20):
+            yield big[i : i + (1 << 20)]
+
+    r = httpx.post(f"{url}/v1/completions", content=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # A prompt under the cap but far over the context is tokenized off the event loop: /health
+    # answers while it is.
+    long_body = {"model": "ja", "prompt": "吾輩は猫である。" * 120_000, "max_tokens": 4}
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(
+            r=httpx.post(f"{url}/v1/completions", json=long_body, headers=headers, timeout=120)
+        )
+    )
+    worker.start()
+    time.sleep(0.3)
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    worker.join()
+    assert result["r"].status_code == 400 and result["r"].json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(f"{url}/v1/completions", json={"model": "ja", "prompt": ""}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 8), st.integers(), st.floats(), st.text(max_size=4),
+    st.lists(st.text(max_size=3), max_size=5), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)  # fmt: skip
+MESSAGES = st.one_of(
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "system", "tool", "", 3]), "content": VALUES}
+        ),
+        max_size=3,
+    ),
+    VALUES,
+)
+FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "n", "stop", "seed",
+          "stream", "stream_options", "max_completion_tokens"]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chat=st.booleans(),
+    model=st.sampled_from(["ja", "en", "nope", 3, None]),
+    prompt=st.one_of(st.sampled_from(["吾輩は", "", "猫"]), VALUES),
+    messages=MESSAGES,
+    extra=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=4),
+)
+def test_any_request_is_answered_or_refused_in_openai_shape(server, chat, model, prompt, messages, extra):
+    # Whatever a client sends, the answer is a completion (200) or an OpenAI-shaped error with a
+    # message (4xx, never a 500 or a traceback), and the server stays up.
+    url = server[0]
+    body = {"model": model, **({"messages": messages} if chat else {"prompt": prompt}), **extra}
+    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+        body["max_tokens"] = min(body["max_tokens"], 8)  # bounded: each accepted request generates
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", url + path, json=body, headers=headers, timeout=120) as r:
+        text = "".join(r.iter_text())
+    if r.status_code == 200:
+        if r.headers["content-type"].startswith("text/event-stream"):
+            events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+        else:
+            assert json.loads(text)["choices"]
+    else:
+        assert r.status_code in (400, 404, 413, 422, 429), (r.status_code, text)
+        error = json.loads(text)["error"]
+        assert error["message"] and error["type"] and "Traceback" not in error["message"]
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(tiny_adapters, tmp_path):  # noqa: F811
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "kaika", "serve", str(tiny_adapters[0]), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2 and "cannot listen on 127.0.0.1" in proc.stderr
+    assert "Loading weights" not in proc.stderr and "serving" not in proc.stderr
 
 
 @pytest.mark.slow

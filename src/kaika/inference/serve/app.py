@@ -238,43 +238,27 @@ def install_auth(app: FastAPI, api_key: str | None) -> None:
         return await call_next(request)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is answered 413 and never held whole.
-
-    A declared Content-Length over the limit is refused before any byte is read; a chunked body is
-    counted as it arrives and refused once it passes the limit (pydantic never sees it).
-    """
+class DeclaredBodyLimit:
+    """Outermost ASGI layer: a body whose Content-Length is over ``limit`` is refused before a
+    byte of it is read, in OpenAI's shape. (FastAPI's ``max_body_size``, inside, answers those in
+    plain text; it is what counts the bytes of a body sent without a length.)"""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
-    def error(self) -> APIError:
-        return APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
-
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            err = self.error() if declared.isdigit() else APIError(400, "invalid Content-Length header")
-            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    # An HTTPException is what FastAPI lets through from reading a body (others become
-                    # "error parsing the body"); the handler answers it in OpenAI's shape.
-                    raise StarletteHTTPException(413, self.error().message)
-            return message
-
-        await self.app(scope, counted, send)
+        if scope["type"] == "http":
+            declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.limit:
+                err = APIError(
+                    413, f"the request body is larger than {self.limit} bytes", code="request_too_large"
+                )
+                return await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
-def create_app(pool: ModelPool, options: ServeOptions) -> FastAPI:
+def create_app(pool: ModelPool, options: ServeOptions) -> DeclaredBodyLimit:
+    """The ASGI app ``kaika serve`` runs: FastAPI's routes inside the body limit."""
     api = Api(pool, options)
 
     @asynccontextmanager
@@ -282,10 +266,18 @@ def create_app(pool: ModelPool, options: ServeOptions) -> FastAPI:
         yield
         api.worker.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="kaika", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # max_body_size: FastAPI answers a larger body 413 (declared or counted as it arrives), before
+    # pydantic ever holds it; the HTTP error handler puts that answer in OpenAI's shape.
+    app = FastAPI(
+        title="kaika",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+        max_body_size=options.max_body_bytes,
+    )
     install_errors(app)
     install_auth(app, options.api_key)
-    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -328,4 +320,4 @@ def create_app(pool: ModelPool, options: ServeOptions) -> FastAPI:
         ids = await asyncio.to_thread(prompt_ids)
         return await api.answer(req, entry, ids, args, chat=True)
 
-    return app
+    return DeclaredBodyLimit(app, options.max_body_bytes)
