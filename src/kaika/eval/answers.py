@@ -26,6 +26,7 @@ from kaika.data.records import DataError, Problem, builtin_data_path, iter_sourc
 from kaika.errors import KaikaError
 from kaika.eval import metrics
 from kaika.eval.loss import load_subject, variants
+from kaika.guard import check_not_input
 from kaika.inference.generate import Loaded
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ def eval_generate(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise KaikaError(f"output directory {out} is a file")
+    for name in (*(answers_file(n) for n in ("base", "adapter", "model")), SUMMARY_JSON, SUMMARY_MD):
+        check_not_input(out / name, [tasks_file], "the output file")
     metrics.check_installed()
     if judge is not None:
         judge.check()  # a bad judge URL or key fails before minutes of generation

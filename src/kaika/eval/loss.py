@@ -72,7 +72,10 @@ def eval_loss(
 ) -> dict[str, LossResult]:
     """``{"base": …, "adapter": …}`` for an adapter, ``{"model": …}`` for a full model."""
     from kaika.data.records import load_records
+    from kaika.guard import check_output_file
 
+    if json_path:
+        check_output_file(json_path, [data], "--json")
     records = load_records([data], columns)
     subject = load_subject(path, base_model, dtype, template)
     d = subject.run.data_args

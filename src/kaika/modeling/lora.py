@@ -132,12 +132,21 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
     trainable -= held  # entries a slice mask holds at zero are stored but never trained
     log.info(
         "LoRA on %s%s: %s trainable parameters of %s (%.3f%%)",
-        sorted(config.target_modules)
-        if not isinstance(config.target_modules, str)
-        else config.target_modules,
+        adapted_summary(peft_model),
         f" (q/k/v slices {','.join(slices)}, rank {args.r} each)" if slices else "",
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
     )
     return peft_model
+
+
+def adapted_summary(peft_model) -> str:
+    """The adapted modules by name and count ("q_proj ×18, v_proj ×18"): a real model has hundreds
+    of full module paths, which say less than this line."""
+    from collections import Counter
+
+    counts = Counter(
+        name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")
+    )
+    return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items())) or "no module"
