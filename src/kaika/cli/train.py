@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from kaika.cli.options import add_config_args, namespace_overrides
@@ -25,9 +26,11 @@ def run_train(ns: argparse.Namespace) -> None:
     if not is_main_process():  # rank 0 saved the adapter and reports it
         return
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    # nan: a resume with nothing left to train, whose checkpoint logged no loss
+    loss_part = f", train loss {result.train_loss:.4f}" if math.isfinite(result.train_loss) else ""
     print(
-        f"adapter saved to {result.output_dir} — {result.global_step} steps, train loss "
-        f"{result.train_loss:.4f}{eval_part}, {result.train_seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s"
+        f"adapter saved to {result.output_dir} — {result.global_step} steps{loss_part}{eval_part}, "
+        f"{result.train_seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s"
     )
 
 

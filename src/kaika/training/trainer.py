@@ -116,6 +116,7 @@ class Fitted:
 
     trainer: Any
     seconds: float
+    start_tokens: int = 0  # tokens the resumed checkpoint had seen: not trained in this call
 
     @property
     def model(self):
@@ -135,11 +136,18 @@ class Fitted:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens_seen / self.seconds if self.seconds else 0.0
+        trained = self.tokens_seen - self.start_tokens
+        return trained / self.seconds if self.seconds else 0.0
 
     @property
     def train_loss(self) -> float:
-        return float(next((h["train_loss"] for h in reversed(self.history) if "train_loss" in h), math.nan))
+        """Trainer's whole-run mean; for a resume with nothing left to train (no summary was
+        logged), the mean of the losses the checkpoint logged."""
+        summary = next((h["train_loss"] for h in reversed(self.history) if "train_loss" in h), None)
+        if summary is not None:
+            return float(summary)
+        logged = [h["loss"] for h in self.history if "loss" in h]
+        return float(sum(logged) / len(logged)) if logged else math.nan
 
     @property
     def eval_loss(self) -> float | None:
@@ -205,17 +213,21 @@ def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback())
-    trainer.add_callback(StopAtPlannedSteps())
+    planned = StopAtPlannedSteps()
+    trainer.add_callback(planned)
     start = time.perf_counter()
     with guarded_training(trainer, t.resume, out / LOG_FILE) as resume_from:  # signals, nan/inf, disk
         try:
             trainer.train(resume_from_checkpoint=resume_from)
         except PlannedStepsDone as done:
+            for cb in trainer.callback_handler.callbacks:  # the bar opened at train begin
+                if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+                    cb.training_bar.close()
             log.info("%s; saving it", done)
     seconds = time.perf_counter() - start
     if val_set and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
         trainer.evaluate()
-    return Fitted(trainer, seconds)
+    return Fitted(trainer, seconds, planned.start_tokens)
 
 
 class PlannedStepsDone(Exception):
@@ -231,7 +243,10 @@ class StopAtPlannedSteps(TrainerCallback):
     loaded; if nothing is left to do, stop there, with the model as the checkpoint left it.
     """
 
+    start_tokens = 0
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self.start_tokens = state.num_input_tokens_seen
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             raise PlannedStepsDone(
                 f"--resume: the checkpoint is at step {state.global_step} of {state.max_steps} planned, "
