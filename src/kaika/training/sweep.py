@@ -259,11 +259,13 @@ def results_markdown(records: list[RunRecord], runs: list[SweepRun]) -> str:
     cfg = runs[0].config
     t = cfg.train
     budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    lrs = {run.config.train.lr for run in runs}  # a grid over lr: each run's own, not the first's
+    lr = f"lr {t.lr:g}" if len(lrs) == 1 else f"lr {', '.join(f'{v:g}' for v in sorted(lrs))} (per run)"
     lines = [
         "# Sweep results",
         "",
         f"Base model `{cfg.model.base_model}`; data {', '.join(f'`{d}`' for d in cfg.data.data)}; "
-        f"{budget} at batch {t.batch_size}, lr {t.lr:g}, seed {t.seed}, cutoff {cfg.data.cutoff_len}. "
+        f"{budget} at batch {t.batch_size}, {lr}, seed {t.seed}, cutoff {cfg.data.cutoff_len}. "
         "Trainable parameters exclude LoRA entries that a q/k/v slice mask holds at zero. "
         "Wall time includes model loading and adapter verification.",
         "",
