@@ -65,6 +65,10 @@ def test_only_directories_kaika_wrote_are_replaced(tmp_path):
     for name in ("config.json", "model.safetensors", "kaika_training_config.yaml"):
         (merged / name).write_text("{}")
     check_replaceable(merged, "--force")
+    locked = tmp_path / "locked"  # only kaika's lock inside (a run that just started): as good as empty
+    locked.mkdir()
+    (locked / LOCK_FILE).write_text("{}")
+    check_replaceable(locked, "--overwrite")
     assert (user / "precious.txt").read_text() == "keep" and len(list(hub.iterdir())) == 3
 
 

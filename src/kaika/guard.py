@@ -64,7 +64,9 @@ def not_ours(path: Path) -> str | None:
     """Why directory ``path`` cannot be shown to be kaika's (so must not be deleted), or None."""
     if not path.is_dir() or (path / OWNER_FILE).is_file():
         return None
-    names = sorted(p.name for p in path.iterdir())
+    # kaika's own hidden files (the lock, staging leftovers) say nothing either way: a directory
+    # holding only those is as good as empty.
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith(".kaika"))
     if not names:
         return None
     for name in names:
