@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LoRA sweep of docs/real-models.md: configs/sweeps/lora-gemma-3-270m.yaml (held-out loss on
 # ELYZA-tasks-100), then each run's greedy answers to 10 ELYZA tasks (stop rate, repetition).
-# Offline; about 35 minutes on 2 CPU cores. Results: runs/sweep-lora-gemma/results.md and stops.md.
+# Offline; 1.5 to 2 hours on 2 CPU cores (each run 6-16 min, then 10 answers per run). Results: runs/sweep-lora-gemma/results.md and stops.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
