@@ -45,7 +45,7 @@ KAIKA_NAMES = {
     "generation_config.json", "model.safetensors", "model.safetensors.index.json", "runs", "results.csv",
     "results.md", "results.json", "sweep.png", "stops.md", "tokenizer.model", "vocab.json", "merges.txt",
 }  # fmt: skip
-KAIKA_FILE_PREFIXES = ("model-0", ".kaika")
+KAIKA_FILE_PREFIXES = ("model-0",)  # model-00001-of-00002.safetensors
 
 
 def claim(path: Path, kind: str) -> None:
@@ -60,13 +60,18 @@ def claim(path: Path, kind: str) -> None:
 KAIKA_CONFIGS = ("kaika_config.yaml", "kaika_pretrain_config.yaml", "kaika_training_config.yaml")
 
 
+def is_kaika_hidden(name: str) -> bool:
+    """kaika's own hidden files (the owner file, the lock, staging leftovers): not a run's content."""
+    return name.startswith(".kaika")
+
+
 def not_ours(path: Path) -> str | None:
     """Why directory ``path`` cannot be shown to be kaika's (so must not be deleted), or None."""
     if not path.is_dir() or (path / OWNER_FILE).is_file():
         return None
     # kaika's own hidden files (the lock, staging leftovers) say nothing either way: a directory
     # holding only those is as good as empty.
-    names = sorted(p.name for p in path.iterdir() if not p.name.startswith(".kaika"))
+    names = sorted(p.name for p in path.iterdir() if not is_kaika_hidden(p.name))
     if not names:
         return None
     for name in names:

@@ -1,7 +1,8 @@
 """What a directory means to kaika: a training run, an adapter trained elsewhere, or a whole model.
 
-Every command that takes a run (``generate``, ``chat``, ``webui``, ``serve``, ``merge`` want an
-adapter; ``eval`` and ``serve --base-model`` also take a whole model) opens it with :meth:`RunDir.open`, which answers once, by one rule, which base model (and how to
+Every command that takes a run opens it with :meth:`RunDir.open` (``generate``, ``chat``,
+``webui``, ``serve`` and ``merge`` want an adapter; ``eval`` and ``serve --base-model`` also take a
+whole model), which answers once, by one rule, which base model (and how to
 load it), which tokenizer, which prompt template and which training config belong to it. The
 files a run holds are named here, for the writers (:mod:`kaika.training`) and the readers alike.
 

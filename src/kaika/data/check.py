@@ -597,11 +597,9 @@ def fix_files(
         targets[source] = (base / f"{src.stem}.fixed.jsonl", base / f"{src.stem}.fixes.jsonl")
     outputs = [p for pair in targets.values() for p in pair]
     for p in outputs:
-        if p.resolve() in {Path(s).resolve() for s in sources}:
-            raise KaikaError(f"{p} is an input; --fix never writes in place: choose another --out-dir")
+        check_output_file(p, sources, "--fix output (it never writes in place)")
         if p.exists() and not overwrite:
             raise KaikaError(f"{p} exists: pass --overwrite or choose another --out-dir")
-        check_output_file(p, sources, "--fix output")
     if len(set(outputs)) < len(outputs):
         raise KaikaError(
             "two inputs have the same file name, so their fixed files would collide: use --out-dir per file"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kaika.errors import KaikaError
+from kaika.errors import KaikaError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,7 @@ class JudgeSettings:
                 f"--judge {self.url!r}: give the base URL of an OpenAI-compatible API, "
                 "e.g. http://127.0.0.1:8000/v1"
             )
-        try:
-            import openai  # noqa: F401
-        except ImportError:
-            raise KaikaError("--judge needs the openai package: pip install 'kaika[eval]'") from None
+        require_extra("eval", ("openai",), "--judge")
 
     def client(self):
         from openai import OpenAI

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from kaika.errors import KaikaError
+from kaika.errors import require_extra
 
 # Character n-gram length for the repetition rate. On the ELYZA-tasks-100 reference answers the
 # rate is 0.021 on average for n = 8 (0.078 for n = 4: short n-grams such as 「すること」 recur in
@@ -42,21 +42,19 @@ def normalize(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).split())
 
 
+METRIC_MODULES = ("sacrebleu.metrics", "rouge_score.rouge_scorer", "regex")
+
+
 def _require(module: str):
     import importlib
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise KaikaError(
-            f"kaika eval needs the package providing {module!r}: pip install 'kaika[eval]'"
-        ) from None
+    require_extra("eval", (module,), "kaika eval")
+    return importlib.import_module(module)
 
 
 def check_installed() -> None:
     """The metric packages are there: said before minutes of generation, not after."""
-    for module in ("sacrebleu.metrics", "rouge_score.rouge_scorer", "regex"):
-        _require(module)
+    require_extra("eval", METRIC_MODULES, "kaika eval")
 
 
 @cache

@@ -70,8 +70,7 @@ def merge(
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     run = RunDir.open(adapter_dir, base_model)
     check_out_dir(out_dir, adapter_dir, force)
-    if run.source.path is not None:
-        check_inputs_outside(out_dir, [run.source.path], "writing the merged model")
+    check_inputs_outside(out_dir, [run.source.path], "writing the merged model")
     if dtype not in DTYPES:
         raise KaikaError(f"unknown dtype {dtype!r} for the merged checkpoint; use {', '.join(DTYPES)}")
     cfg = run_config(run)

@@ -28,7 +28,7 @@ from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from kaika.config import TrainArgs
 from kaika.errors import KaikaError
-from kaika.guard import LOCK_FILE, OWNER_FILE, DirLock, check_replaceable, claim, empty_owned
+from kaika.guard import DirLock, check_replaceable, claim, empty_owned, is_kaika_hidden
 from kaika.rundir import CHECKPOINTS, LOG_FILE
 from kaika.training.faults import check_writable, guarded_training
 from kaika.training.loss import (
@@ -65,7 +65,7 @@ def check_output_dir(args: TrainArgs) -> Path:
             f"{out}, --overwrite deletes it first. Pass one of them"
         )
     check_writable(out)
-    contents = [p for p in out.iterdir() if p.name not in (LOCK_FILE, OWNER_FILE)] if out.is_dir() else []
+    contents = [p for p in out.iterdir() if not is_kaika_hidden(p.name)] if out.is_dir() else []
     if args.resume:
         if not list((out / CHECKPOINTS).glob("checkpoint-*")):
             raise KaikaError(
