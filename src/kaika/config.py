@@ -40,6 +40,8 @@ Scheduler = Literal[
     "inverse_sqrt",
 ]
 Packing = Literal["document", "stream"]
+TrainOn = Literal["assistant", "last", "all"]
+Truncation = Literal["turns", "drop"]
 SaveDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -141,7 +143,9 @@ class DataArgs(Checked):
     """Instruction data, prompt template and tokenization."""
 
     data: list[str] = option(
-        [], "Training data: Alpaca JSON/JSONL files, local dataset dirs or hub dataset names."
+        [],
+        "Training data: JSON/JSONL files, local dataset dirs or hub dataset names, of Alpaca records, "
+        "conversations (messages: [{role, content}]) or ShareGPT (conversations: [{from, value}]), mixed freely.",
     )
     val_data: list[str] = option([], "Separate validation data (same forms as data); overrides val_set_size.")
     val_set_size: float = option(
@@ -149,10 +153,14 @@ class DataArgs(Checked):
     )
     columns: dict[str, str] = option(
         {},
-        "Column mapping for data whose keys differ, e.g. instruction=instruction input=context output=response.",
+        "Column mapping for data whose keys differ, e.g. input=context output=response, or for "
+        "conversations messages=dialogue role=speaker content=text.",
     )
     template: str = option(
-        "alpaca_ja", "Prompt template: a builtin name (alpaca, alpaca_ja) or a path to a template JSON."
+        "auto",
+        "Prompt template: auto (the base model's chat template for conversation data when it has one, "
+        "else alpaca_ja), chat (the base model's chat template), a builtin (alpaca_ja, alpaca), a "
+        "template JSON file or a Jinja chat template file (.jinja).",
     )
     cutoff_len: int = option(
         512, "Maximum tokens per example; longer responses are truncated (EOS kept).", ge=2
@@ -163,8 +171,16 @@ class DataArgs(Checked):
         "each example (on BLOOM, ALiBi restarts per example): almost no padding. batch_size and "
         "micro_batch_size then count rows, not examples.",
     )
-    train_on_inputs: bool = option(
-        False, "Also train on the prompt tokens (default: only the response is supervised)."
+    train_on: TrainOn = option(
+        "assistant",
+        "Tokens the loss is computed on: assistant (every answer, its EOS/end-of-turn included), last "
+        "(only the last answer of each conversation) or all (prompts too).",
+    )
+    train_on_inputs: bool = option(False, "Also train on the prompt tokens: the same as --train-on all.")
+    truncation: Truncation = option(
+        "turns",
+        "An example over cutoff_len: turns (a conversation keeps its system prompt and leaves out its "
+        "oldest exchanges; the last answer is cut, EOS kept) or drop (left out of training).",
     )
 
 

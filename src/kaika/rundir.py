@@ -28,7 +28,7 @@ from typing import Literal
 
 from kaika.atomic import ADAPTER_CONFIG, adapter_problem, read_marker
 from kaika.config import DataArgs, ModelArgs, PretrainConfig, TrainConfig, load_config, save_yaml
-from kaika.data.prompts import PromptTemplate, load_template
+from kaika.data.prompts import AUTO, CHAT, DEFAULT, Template, load_template, resolve_template
 from kaika.errors import KaikaError
 from kaika.modeling.builtin import NOTICE_FILES
 from kaika.modeling.load import ModelSource, resolve_source
@@ -53,7 +53,7 @@ CONFIG_FILES: tuple[tuple[str, type], ...] = (
     (PRETRAIN_CONFIG_FILE, PretrainConfig),
     (MERGED_CONFIG_FILE, TrainConfig),
 )
-DEFAULT_TEMPLATE = DataArgs().template
+DEFAULT_TEMPLATE = DEFAULT  # what a run with no saved template is prompted with
 
 Kind = Literal["run", "adapter", "model"]
 
@@ -66,7 +66,7 @@ class RunDir:
     kind: Kind  # run: a kaika adapter with its config; adapter: a PEFT adapter from elsewhere; model: whole
     model_args: ModelArgs  # how to load the base (for a model: the model itself)
     tokenizer_source: ModelSource
-    template: PromptTemplate
+    template: Template
     config: TrainConfig | PretrainConfig | None  # as saved by the training run, if any
 
     @property
@@ -126,7 +126,12 @@ class RunDir:
         has_tokenizer = (path / TOKENIZER_CONFIG).is_file()
         tokenizer_source = ModelSource(str(path)) if has_tokenizer else resolve_source(model_args)
         return cls(
-            str(name), kind, model_args, tokenizer_source, run_template(path, config, template), config
+            str(name),
+            kind,
+            model_args,
+            tokenizer_source,
+            run_template(path, config, template, tokenizer_source),
+            config,
         )
 
 
@@ -156,20 +161,36 @@ def base_of(adapter_dir: Path) -> str:
     return data["base_model_name_or_path"]
 
 
-def run_template(path: Path, config, explicit: str | Path | None = None) -> PromptTemplate:
-    """The template of the module's rule: explicit, saved file, saved config, kaika's default."""
+def run_template(
+    path: Path, config, explicit: str | Path | None = None, tokenizer_source: ModelSource | None = None
+) -> Template:
+    """The template of the module's rule: explicit, saved file, saved config, kaika's default.
+
+    ``chat`` (given, or saved in a config without its template file) is the chat template of the
+    run's tokenizer; a saved ``auto`` without its file is what ``auto`` means for Alpaca data."""
     if explicit:
-        return load_template(explicit)
+        return named_template(str(explicit), tokenizer_source)
     if (path / TEMPLATE_FILE).is_file():
         return load_template(path / TEMPLATE_FILE)
     if isinstance(config, TrainConfig):
-        return load_template(config.data.template)
+        return named_template(config.data.template, tokenizer_source)
     log.warning(
         "%s holds no prompt template: prompting with kaika's default %s (choose another with --template)",
         path,
         DEFAULT_TEMPLATE,
     )
     return load_template(DEFAULT_TEMPLATE)
+
+
+def named_template(name: str, tokenizer_source: ModelSource | None) -> Template:
+    if name == AUTO:
+        return load_template(DEFAULT)
+    if name == CHAT and tokenizer_source is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source.path, **tokenizer_source.kwargs())
+        return resolve_template(CHAT, tokenizer)
+    return load_template(name)
 
 
 def check_adapter_dir(adapter_dir: Path) -> None:
@@ -207,7 +228,7 @@ def save_config(cfg: TrainConfig | PretrainConfig, out: Path, file: str | None =
     save_yaml(portable(cfg), out / (file or default))
 
 
-def save_template(template: PromptTemplate, out: Path) -> None:
+def save_template(template: Template, out: Path) -> None:
     (out / TEMPLATE_FILE).write_text(template.to_json(), encoding="utf-8")
 
 

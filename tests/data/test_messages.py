@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kaika.data.messages import chat_prompt, jinja_chat_template
+from kaika.data.messages import jinja_chat_template, kaika_pieces
 from kaika.data.prompts import load_template
 from kaika.errors import KaikaError
 from kaika.inference.engine import StopFilter, cut_at_stop
@@ -29,30 +29,41 @@ CONVERSATIONS = [
     ],
     [{"role": "assistant", "content": "先に話す"}, {"role": "user", "content": "x"}],
     [{"role": "user", "content": [{"type": "text", "text": "部分"}, {"type": "text", "text": "の連結"}]}],
+    [
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+    ],
 ]
 
 
+def rendered(template, conv, eos: str) -> str:
+    return "".join(text + (eos if kind == "answer" else "") for kind, text in kaika_pieces(template, conv))
+
+
 def test_mapping():
-    assert chat_prompt(JA, CONVERSATIONS[0]) == JA.format("こんにちは")
-    assert chat_prompt(JA, CONVERSATIONS[1]) == JA.format("名前は？", "猫として答えて")
-    history = chat_prompt(
-        JA,
-        [
-            {"role": "user", "content": "u1"},
-            {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "u2"},
-        ],
-    )
-    assert history == JA.format("u1") + "a1\n\n" + JA.format("u2")
-    assert chat_prompt(JA, CONVERSATIONS[4]) == JA.format("部分の連結")
+    assert kaika_pieces(JA, CONVERSATIONS[0]) == [("prompt", JA.format("こんにちは"))]
+    assert kaika_pieces(JA, CONVERSATIONS[1]) == [("prompt", JA.format("名前は？", "猫として答えて"))]
+    # The system text is the first prompt's input; later user turns use prompt_turn; runs of one
+    # role are joined; an empty system message is nothing.
+    assert kaika_pieces(JA, CONVERSATIONS[2]) == [
+        ("prompt", JA.format('q1 "quoted" \\ {braces}', "a")),
+        ("answer", "a1"),
+        ("prompt", "### 指示:\nq2\n\nq3\n\n### 応答:\n"),
+    ]
+    assert kaika_pieces(JA, CONVERSATIONS[3]) == [("prompt", JA.format("")), ("answer", "先に話す"),
+                                                  ("prompt", JA.format_turn("x"))]  # fmt: skip
+    assert kaika_pieces(JA, CONVERSATIONS[4]) == [("prompt", JA.format("部分の連結"))]
+    # An Alpaca record is the conversation [system: input, user: instruction, assistant: output].
+    assert kaika_pieces(JA, [{"role": "system", "content": "x"}, {"role": "user", "content": "i"},
+                             {"role": "assistant", "content": "o"}]) == [("prompt", JA.format("i", "x")), ("answer", "o")]  # fmt: skip
     for bad, match in (
-        ([], "last message"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
         ([{"role": "robot", "content": "a"}], "role must be one of"),
         ([{"role": "user", "content": [{"type": "image_url"}]}], "only text parts"),
     ):
         with pytest.raises(KaikaError, match=match):
-            chat_prompt(JA, bad)
+            kaika_pieces(JA, bad)
 
 
 @pytest.mark.parametrize("template", ["alpaca_ja", "alpaca"])
@@ -60,12 +71,10 @@ def test_jinja_chat_template_renders_the_same_prompt(ja_tokenizer, template):
     tpl = load_template(template)
     tok = copy.deepcopy(ja_tokenizer)  # the fixture is shared: leave it as it was
     tok.chat_template = jinja_chat_template(tpl)
-    for conv in CONVERSATIONS[:4]:
-        assert tok.apply_chat_template(conv, tokenize=False) == chat_prompt(tpl, conv)
-    with pytest.raises(Exception, match="last message"):
-        tok.apply_chat_template(
-            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenize=False
-        )
+    for conv in CONVERSATIONS:
+        plain = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list)
+                 else m for m in conv]  # fmt: skip
+        assert tok.apply_chat_template(plain, tokenize=False) == rendered(tpl, conv, tok.eos_token)
 
 
 @settings(max_examples=200, deadline=None)

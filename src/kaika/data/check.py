@@ -20,8 +20,12 @@ excerpt. The checks, by kind:
 * length: ``length_outlier`` (far out on a log scale), and with a tokenizer ``too_long``
   (the example exceeds ``cutoff_len`` tokens and would be truncated, or dropped).
 
+Conversation records (``messages``, ShareGPT) are read as training reads them; each turn is
+checked like a field (named ``turn 2 assistant``), lengths are compared within one role, and a
+duplicate is the same turns.
+
 ``fix_files()`` applies only unambiguous mechanical fixes and writes new files plus a log of
-every change; inputs are never modified.
+every change; inputs are never modified. It fixes Alpaca fields; conversations are copied as they are.
 """
 
 from __future__ import annotations
@@ -150,6 +154,23 @@ class Rec:
     where: str
     raw: Any
     fields: dict[str, str] | None  # None when the record is structurally broken
+    record: dict | None = None  # as training reads it (Alpaca, or a conversation's "messages")
+
+    @property
+    def conversation(self) -> bool:
+        return self.record is not None and "messages" in self.record
+
+
+def record_fields(norm: dict | None) -> dict[str, str] | None:
+    """The texts of a record by field: Alpaca's three, or a conversation's turns ("turn 2 assistant")."""
+    if norm is None or "messages" not in norm:
+        return norm
+    return {f"turn {i} {m['role']}": m["content"] for i, m in enumerate(norm["messages"])}
+
+
+def field_group(fld: str) -> str:
+    """An Alpaca field, or the role of a conversation turn: what length outliers are compared within."""
+    return fld.rsplit(" ", 1)[-1] if fld.startswith("turn ") else fld
 
 
 # --------------------------------------------------------------------------- reading
@@ -163,10 +184,10 @@ def read_records(sources: list[str], columns: dict[str, str], report: CheckRepor
         n = 0
         for where, raw in iter_source(source, problems):
             rec_problems: list[Problem] = []
-            norm = normalise_record(raw, columns, source, where, rec_problems)
+            norm = normalise_record(raw, columns, source, where, rec_problems, conversations=True)
             for p in rec_problems:
                 report.findings.append(_structure_finding(p, n))
-            recs.append(Rec(source, n, where, raw, norm))
+            recs.append(Rec(source, n, where, raw, record_fields(norm), norm))
             n += 1
         for p in problems:  # read errors: malformed lines, bad UTF-8, missing file
             report.findings.append(_finding("unreadable", p.source, -1, p.where, None, p.message))
@@ -204,7 +225,7 @@ def excerpt(text: str, pos: int = 0, width: int = 40) -> str:
 def is_japanese_source(recs: list[Rec]) -> bool:
     """Most records have Japanese in their instruction or output."""
     ok = [r for r in recs if r.fields]
-    ja = sum(bool(_JA.search(r.fields["instruction"] + r.fields["output"])) for r in ok)
+    ja = sum(bool(_JA.search("".join(r.fields.values()))) for r in ok)
     return bool(ok) and ja >= 0.5 * len(ok)
 
 
@@ -350,7 +371,7 @@ def check_text(rec: Rec, fld: str, text: str, japanese: bool, opts: CheckOptions
     if not japanese:
         return
     masked = mask_code(text)
-    others = [rec.fields[f] for f in FIELDS if f != fld and rec.fields[f]]
+    others = [t for f, t in rec.fields.items() if f != fld and t]
     for issue in bracket_issues(masked):
         if issue.fix:
             add("bracket_mixed_width", issue.message, issue.pos)
@@ -407,20 +428,22 @@ def check_duplicates(recs: list[Rec], out: list[Finding]) -> None:
     for rec in recs:
         if not rec.fields:
             continue
-        f = rec.fields
-        key = (f["instruction"], f["input"], f["output"])
-        nkey = tuple(norm_key(x) for x in key)
+        # Alpaca: (instruction, input, output); a conversation: its turns, tagged so the two never meet.
+        key = (rec.conversation, *rec.fields.values())
+        nkey = tuple(norm_key(x) if isinstance(x, str) else x for x in key)
+        prompt = nkey[:-1]  # all but the answer (the last turn, or output)
+        text = next(iter(rec.fields.values()))
         first = exact.get(key) or near.get(nkey)
         if key in exact:
-            out.append(_dup("duplicate", rec, exact[key], f["instruction"]))
+            out.append(_dup("duplicate", rec, exact[key], text))
         elif nkey in near:
-            out.append(_dup("near_duplicate", rec, near[nkey], f["instruction"]))
-        elif nkey[:2] in prompts:
-            out.append(_dup("same_prompt", rec, prompts[nkey[:2]], f["instruction"]))
+            out.append(_dup("near_duplicate", rec, near[nkey], text))
+        elif prompt in prompts:
+            out.append(_dup("same_prompt", rec, prompts[prompt], text))
         if first is None:
             exact.setdefault(key, rec)
             near.setdefault(nkey, rec)
-        prompts.setdefault(nkey[:2], rec)
+        prompts.setdefault(prompt, rec)
 
 
 def _dup(kind: str, rec: Rec, first: Rec, text: str) -> Finding:
@@ -453,14 +476,19 @@ def check_lengths(recs: list[Rec], out: list[Finding]) -> None:
     """Far-out values (Tukey: above Q3 + 3 IQR) of log character length, per field, at least 4x the median."""
     import numpy as np
 
-    for fld in FIELDS:
-        items = [(r, len(r.fields[fld])) for r in recs if r.fields and r.fields[fld]]
+    groups: dict[str, list[tuple[Rec, str]]] = {}
+    for r in recs:
+        for fld, text in (r.fields or {}).items():
+            if text:
+                groups.setdefault(field_group(fld), []).append((r, fld))
+    for pairs in groups.values():
+        items = [(r, fld, len(r.fields[fld])) for r, fld in pairs]
         if len(items) < 20:
             continue
-        logs = np.log([n for _, n in items])
+        logs = np.log([n for _, _, n in items])
         q1, q3 = np.percentile(logs, [25, 75])
         fence = max(q3 + 3 * (q3 - q1), np.median(logs) + math.log(4))  # and never under 4x the median
-        for rec, n in items:
+        for rec, fld, n in items:
             if math.log(n) > fence:
                 out.append(
                     _finding(
@@ -476,9 +504,9 @@ def check_lengths(recs: list[Rec], out: list[Finding]) -> None:
 
 
 def check_token_lengths(recs: list[Rec], opts: CheckOptions, report: CheckReport) -> None:
-    tok = TokenLengths.load(opts.model, opts.template)
-    ok = [r for r in recs if r.fields]
-    lengths = tok.example_lengths([r.fields for r in ok])
+    ok = [r for r in recs if r.record]
+    tok = TokenLengths.load(opts.model, opts.template, any(r.conversation for r in ok))
+    lengths = tok.example_lengths([r.record for r in ok])
     truncated = dropped = 0
     for rec, (prompt_len, full_len) in zip(ok, lengths, strict=True):
         if full_len <= opts.cutoff_len:
@@ -490,15 +518,25 @@ def check_token_lengths(recs: list[Rec], opts: CheckOptions, report: CheckReport
             )
         else:
             truncated += 1
-            msg = f"{full_len} tokens > cutoff_len {opts.cutoff_len}: the response is cut, EOS kept"
+            msg = f"{full_len} tokens > cutoff_len {opts.cutoff_len}: " + (
+                "its oldest exchanges are left out (or its last answer cut, end of turn kept)"
+                if rec.conversation
+                else "the response is cut, EOS kept"
+            )
         report.findings.append(
             _finding(
-                "too_long", rec.source, rec.index, rec.where, None, msg, excerpt(rec.fields["instruction"])
+                "too_long",
+                rec.source,
+                rec.index,
+                rec.where,
+                None,
+                msg,
+                excerpt(next(iter(rec.fields.values()))),
             )
         )
     report.too_long = {
         "model": opts.model,
-        "template": opts.template,
+        "template": tok.template.name,
         "cutoff_len": opts.cutoff_len,
         "truncated": truncated,
         "dropped": dropped,
@@ -522,10 +560,11 @@ def check_files(sources: list[str], opts: CheckOptions | None = None) -> CheckRe
     for rec in recs:
         if not rec.fields:
             continue
-        check_copies(rec, report.findings)
-        for fld in FIELDS:
-            if rec.fields[fld]:
-                check_text(rec, fld, rec.fields[fld], report.japanese[rec.source], opts, report.findings)
+        if not rec.conversation:
+            check_copies(rec, report.findings)
+        for fld, text in rec.fields.items():  # a conversation: each turn, checked like a field
+            if text:
+                check_text(rec, fld, text, report.japanese[rec.source], opts, report.findings)
     check_lengths(recs, report.findings)
     if opts.model:
         check_token_lengths(recs, opts, report)
@@ -614,7 +653,7 @@ def fix_files(
         with fixed.open("w", encoding="utf-8") as fo, log.open("w", encoding="utf-8") as fl:
             for rec in mine:
                 raw = rec.raw
-                if rec.fields and isinstance(raw, dict):
+                if rec.fields and isinstance(raw, dict) and not rec.conversation:  # Alpaca fields only
                     raw = dict(raw)
                     for fld in FIELDS:
                         key = opts.columns.get(fld, fld)

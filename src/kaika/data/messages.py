@@ -1,17 +1,18 @@
-"""Chat messages → one prompt in the instruction template the model was trained with.
+"""Chat messages in kaika's own templates: the multi-turn form of an Alpaca-style template.
 
-An Alpaca-style template has one instruction, an optional input and a response; chat has
-turns. kaika maps one onto the other the same way everywhere (``kaika chat``, ``kaika serve``'s
-``/v1/chat/completions``, and the ``chat_template`` that ``kaika merge`` writes into the merged
-tokenizer, so other servers prompt the merged model the same way):
+An Alpaca-style template has one instruction, an optional input and a response; a conversation
+has turns. kaika maps one onto the other the same way in training (conversation data) and
+everywhere it prompts (``kaika chat``, ``serve``'s ``/v1/chat/completions``, and the
+``chat_template`` that ``kaika merge`` writes into the merged tokenizer, so other servers prompt
+the merged model the same way):
 
-* the **last user** message is the ``{instruction}``;
-* **system** (or ``developer``) messages, joined by blank lines, are the ``{input}`` — the
-  template's "additional context" slot; without any the no-input wording is used;
-* **earlier** user/assistant pairs come first, each as a formatted prompt (no input) followed
-  by the assistant's answer and a blank line — the same prompt/response shape as training.
+* **system** (or ``developer``) messages, joined by blank lines, are the first prompt's
+  ``{input}`` (the template's "additional context" slot); without any the no-input wording is used;
+* the **first user** turn is that prompt's ``{instruction}``; each **assistant** turn is an answer
+  followed by EOS; each **later user** turn is the template's short ``prompt_turn``.
 
-The conversation must end with a user message.
+An Alpaca record ``{instruction, input, output}`` is thus exactly the conversation
+``[system: input, user: instruction, assistant: output]``.
 """
 
 from __future__ import annotations
@@ -57,74 +58,82 @@ def as_messages(raw: Sequence[dict | Message]) -> list[Message]:
     return out
 
 
-def chat_prompt(template: PromptTemplate, messages: Sequence[dict | Message]) -> str:
-    """The prompt for ``messages`` (see the module docstring for the mapping)."""
-    msgs = as_messages(messages)
-    if not msgs or msgs[-1].role != "user":
-        raise KaikaError("the last message must come from the user (role 'user')")
-    system = "\n\n".join(m.content for m in msgs if m.role in ("system", "developer"))
-    turns = [m for m in msgs[:-1] if m.role in ("user", "assistant")]
-    history = []
-    pending_user: str | None = None
-    for m in turns:
-        if m.role == "user":
-            if pending_user is not None:  # two user turns in a row: the first had no answer
-                history.append(template.format(pending_user) + "\n\n")
-            pending_user = m.content
+def kaika_turns(messages: Sequence[dict | Message]) -> tuple[str, list[tuple[str, str]]]:
+    """The system text (non-empty system turns joined by blank lines) and the other turns, a run of
+    turns of one role joined into one turn by blank lines."""
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for m in as_messages(messages):
+        if m.role in ("system", "developer"):
+            if m.content:
+                system.append(m.content)
+        elif turns and turns[-1][0] == m.role:
+            turns[-1] = (m.role, turns[-1][1] + "\n\n" + m.content)
         else:
-            history.append(template.format(pending_user or "") + m.content + "\n\n")
-            pending_user = None
-    if pending_user is not None:
-        history.append(template.format(pending_user) + "\n\n")
-    return "".join(history) + template.format(msgs[-1].content, system)
+            turns.append((m.role, m.content))
+    return "\n\n".join(system), turns
+
+
+def kaika_pieces(template: PromptTemplate, messages: Sequence[dict | Message]) -> list[tuple[str, str]]:
+    """A conversation in kaika's multi-turn form, as ``("prompt", text)`` and ``("answer", text)``
+    pieces; every answer is followed by EOS (a token, not text: see :mod:`kaika.data.segments`).
+
+    The first user turn is the template's prompt, with the system text as its input; each later
+    user turn is ``prompt_turn``. A conversation that ends with a user turn ends with its prompt,
+    up to the response header: the generation prompt. An answer with no question before it (a
+    conversation opened by the assistant) follows a prompt with an empty instruction.
+    """
+    system, turns = kaika_turns(messages)
+    pieces: list[tuple[str, str]] = []
+    for i, (role, content) in enumerate(turns):
+        if role == "user" or i == 0:
+            question = content if role == "user" else ""
+            pieces.append(
+                ("prompt", template.format(question, system) if i == 0 else template.format_turn(question))
+            )
+        if role == "assistant":
+            pieces.append(("answer", content))
+    return pieces
 
 
 def jinja_chat_template(template: PromptTemplate) -> str:
-    """A Hugging Face ``chat_template`` (Jinja) that renders exactly what ``chat_prompt`` does.
+    """A Hugging Face ``chat_template`` (Jinja) that renders exactly what :func:`kaika_pieces` does,
+    each answer followed by ``eos_token``.
 
-    Written into a merged model's tokenizer so that vLLM, TGI or ``apply_chat_template`` prompt
-    it the way kaika does. ``add_generation_prompt`` is implied: the prompt always ends with the
-    response header.
+    Written into a merged model's tokenizer so that vLLM, TGI, llama.cpp or ``apply_chat_template``
+    prompt it the way kaika does. ``add_generation_prompt`` is implied: a conversation that ends
+    with a user turn always ends with the response header.
     """
 
     def lit(s: str) -> str:  # a Jinja string literal (JSON escaping is valid Jinja)
         return json.dumps(s, ensure_ascii=False)
 
-    def fmt(instr: str, inp: str | None = None) -> str:
-        # PromptTemplate.format: instruction replaced first, then input; input only when non-empty.
-        no_input = f"{lit(template.prompt_no_input)}.replace('{{instruction}}', {instr})"
-        if inp is None:
-            return no_input
-        with_input = (
-            f"{lit(template.prompt_input)}.replace('{{instruction}}', {instr}).replace('{{input}}', {inp})"
-        )
-        return f"(({with_input}) if {inp} else ({no_input}))"
-
-    pending = fmt("ns.pending")
-    answered = fmt("(ns.pending or '')")
-    last = fmt("last['content']", "ns.system")
+    # PromptTemplate.format: instruction replaced first, then input; the input form only with a system text.
+    first = (
+        f"(({lit(template.prompt_input)}.replace('{{instruction}}', q).replace('{{input}}', ns.system)) "
+        f"if ns.system else ({lit(template.prompt_no_input)}.replace('{{instruction}}', q)))"
+    )
+    later = f"{lit(template.prompt_turn or template.prompt_no_input)}.replace('{{instruction}}', q)"
     return (
-        "{%- set ns = namespace(system='', history='', pending=none, first=true) -%}"
-        "{%- for m in messages[:-1] -%}"
+        "{%- set ns = namespace(system='', turns=[]) -%}"
+        "{%- for m in messages -%}"
         "{%- if m['role'] in ['system', 'developer'] -%}"
-        "{%- set ns.system = ns.system + ('' if ns.first else '\\n\\n') + m['content'] -%}"
-        "{%- set ns.first = false -%}"
-        "{%- elif m['role'] == 'user' -%}"
-        "{%- if ns.pending is not none -%}"
-        "{%- set ns.history = ns.history + " + pending + " + '\\n\\n' -%}"
+        "{%- if m['content'] -%}"
+        "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] -%}"
         "{%- endif -%}"
-        "{%- set ns.pending = m['content'] -%}"
-        "{%- elif m['role'] == 'assistant' -%}"
-        "{%- set ns.history = ns.history + " + answered + " + m['content'] + '\\n\\n' -%}"
-        "{%- set ns.pending = none -%}"
+        "{%- elif m['role'] in ['user', 'assistant'] -%}"
+        "{%- if ns.turns and ns.turns[-1][0] == m['role'] -%}"
+        "{%- set ns.turns = ns.turns[:-1] + [[m['role'], ns.turns[-1][1] + '\\n\\n' + m['content']]] -%}"
+        "{%- else -%}"
+        "{%- set ns.turns = ns.turns + [[m['role'], m['content']]] -%}"
+        "{%- endif -%}"
         "{%- endif -%}"
         "{%- endfor -%}"
-        "{%- if ns.pending is not none -%}"
-        "{%- set ns.history = ns.history + " + pending + " + '\\n\\n' -%}"
+        "{%- for t in ns.turns -%}"
+        "{%- set q = t[1] if t[0] == 'user' else '' -%}"
+        "{%- if loop.first -%}{{- " + first + " -}}"
+        "{%- elif t[0] == 'user' -%}{{- " + later + " -}}"
         "{%- endif -%}"
-        "{%- set last = messages[-1] -%}"
-        "{%- if last['role'] != 'user' -%}"
-        "{{- raise_exception('the last message must come from the user') -}}"
-        "{%- endif -%}"
-        "{{- ns.history + " + last + " -}}"
+        "{%- if t[0] == 'assistant' -%}{{- t[1] + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}"
     )

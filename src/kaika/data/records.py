@@ -1,6 +1,8 @@
-"""Load and validate Alpaca-format instruction data; split it deterministically.
+"""Load and validate instruction data; split it deterministically.
 
-Every record becomes ``{"instruction": str, "input": str, "output": str}``. All problems in
+An Alpaca record becomes ``{"instruction": str, "input": str, "output": str}``; a conversation
+(``messages`` or ShareGPT ``conversations``) becomes ``{"messages": [...], "where": ...}``
+(:mod:`kaika.data.conversations`); files of one run may mix both. All problems in
 all files are collected before anything else happens (no model is loaded, nothing written),
 and reported with the file, the line (JSONL, JSON) or record index (datasets) and the field.
 """
@@ -219,11 +221,19 @@ def normalise_record(
     where: str,
     problems: list[Problem],
     required: tuple[str, ...] = REQUIRED,
+    conversations: bool = False,
 ) -> dict[str, str] | None:
-    """The record as ``{instruction, input, output}``, or None after adding its problems."""
+    """The record as ``{instruction, input, output}`` (or, with ``conversations``, a conversation
+    record when it is one), or None after adding its problems."""
     if not isinstance(rec, dict):
         problems.append(Problem(source, where, None, f"expected a JSON object, got {type(rec).__name__}"))
         return None
+    if conversations:
+        from kaika.data.conversations import normalise_conversation, turns_key
+
+        key = turns_key(rec, columns)
+        if key is not None:
+            return normalise_conversation(rec, key, columns, source, where, problems)
     out: dict[str, str] = {}
     ok = True
     for fld in FIELDS:
@@ -259,31 +269,36 @@ def normalise_record(
 
 
 def load_records(sources: Iterable[str], columns: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """All records of all sources, validated; raises DataError listing every problem."""
+    """All records of all sources (Alpaca and conversations), validated; raises DataError listing
+    every problem."""
+    from kaika.data.conversations import CONVERSATION_COLUMNS
+
     columns = columns or {}
-    bad_cols = sorted(set(columns) - set(FIELDS))
+    targets = (*FIELDS, *CONVERSATION_COLUMNS)
+    bad_cols = sorted(set(columns) - set(targets))
     if bad_cols:
-        raise KaikaError(f"columns: unknown target field(s) {', '.join(bad_cols)}; use {', '.join(FIELDS)}")
+        raise KaikaError(f"columns: unknown target field(s) {', '.join(bad_cols)}; use {', '.join(targets)}")
     sources = list(sources)
     if not sources:
-        raise KaikaError("no training data given: pass --data FILE (Alpaca JSON or JSONL)")
+        raise KaikaError("no training data given: pass --data FILE (Alpaca or conversations, JSON or JSONL)")
     problems: list[Problem] = []
     records: list[dict[str, str]] = []
     optional_keys = {columns.get(f, f) for f in FIELDS if f not in REQUIRED}
     for source in sources:
-        before = len(records) + len(problems)
+        before, first = len(records) + len(problems), len(records)
         seen_keys: set[str] = set()
         for where, rec in iter_source(source, problems):
             if isinstance(rec, dict):
                 seen_keys |= optional_keys & set(rec)
-            norm = normalise_record(rec, columns, source, where, problems)
+            norm = normalise_record(rec, columns, source, where, problems, conversations=True)
             if norm is not None:
                 records.append(norm)
         if len(records) + len(problems) == before:
             problems.append(Problem(source, "file", None, "contains no records"))
         # An optional column the user mapped but no record has is a typo, not "no inputs".
+        alpaca = any("messages" not in r for r in records[first:])
         for fld, key in columns.items():
-            if fld not in REQUIRED and key != fld and key not in seen_keys and len(records) > before:
+            if fld in FIELDS and fld not in REQUIRED and key != fld and key not in seen_keys and alpaca:
                 problems.append(
                     Problem(source, "every record", f"{key} (as {fld})", "the mapped column is absent")
                 )

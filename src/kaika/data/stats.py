@@ -23,15 +23,17 @@ class TokenLengths:
         self.name, self.tokenizer, self.template = name, tokenizer, template
 
     @classmethod
-    def load(cls, model: str | None, template: str) -> TokenLengths:
-        from kaika.data.prompts import load_template
+    def load(cls, model: str | None, template: str, conversations: bool = False) -> TokenLengths:
+        """``template`` as ``kaika train`` resolves it for this tokenizer and data."""
+        from kaika.data.prompts import resolve_template
         from kaika.modeling.load import ModelSource, load_tokenizer
 
         name = model or ModelArgs().base_model
         path = Path(name)
         # A directory with only a tokenizer is enough here (resolve_source wants a whole model).
         source = ModelSource(name) if path.is_dir() and (path / "tokenizer_config.json").is_file() else None
-        return cls(name, load_tokenizer(ModelArgs(base_model=name), source), load_template(template))
+        tokenizer = load_tokenizer(ModelArgs(base_model=name), source)
+        return cls(name, tokenizer, resolve_template(template, tokenizer, conversations))
 
     def count(self, texts: list[str]) -> list[int]:
         if not texts:
@@ -40,9 +42,20 @@ class TokenLengths:
         return [len(ids) for ids in enc]
 
     def example_lengths(self, recs: list[dict[str, str]]) -> list[tuple[int, int]]:
-        """(prompt tokens, full example tokens with EOS) per record."""
+        """(prompt tokens, full example tokens with EOS) per record; for a conversation, the
+        prompt of its last answer and the whole conversation, as training encodes them."""
+        from kaika.data.conversations import training_messages
+        from kaika.data.prompts import PromptTemplate
+        from kaika.data.segments import segments
         from kaika.data.tokenize import leading_special_ids
 
+        if any("messages" in r for r in recs) or not isinstance(self.template, PromptTemplate):
+            out = []
+            for r in recs:
+                segs = segments(self.template, self.tokenizer, training_messages(r))
+                total = sum(len(x.ids) for x in segs)
+                out.append((total - len(segs[-1].ids), total))
+            return out
         lead = len(leading_special_ids(self.tokenizer))
         prompts = self.count([self.template.format(r["instruction"], r["input"]) for r in recs])
         outputs = self.count([r["output"] for r in recs])
@@ -73,11 +86,24 @@ class StatsReport:
     sources: list[str]
     records: int
     with_input: int
-    characters: dict[str, dict[str, int]]  # field -> percentiles
+    characters: dict[str, dict[str, int]]  # field (or turn role of conversations) -> percentiles
     tokenizers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conversations: int = 0
+    turns_per_conversation: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def field_texts(recs: list[dict]) -> dict[str, list[str]]:
+    """The non-empty texts of each Alpaca field and, for conversations, of each turn by role
+    (``system turn``, ``user turn``, ``assistant turn``)."""
+    out: dict[str, list[str]] = {f: [r[f] for r in recs if "messages" not in r and r[f]] for f in FIELDS}
+    for role in ("system", "user", "assistant"):
+        out[f"{role} turn"] = [
+            m["content"] for r in recs if "messages" in r for m in r["messages"] if m["role"] == role
+        ]
+    return {f: texts for f, texts in out.items() if texts or f in FIELDS}
 
 
 def data_stats(
@@ -93,19 +119,22 @@ def data_stats(
     from kaika.data.records import load_records
 
     recs = load_records(sources, columns or {})  # stats of valid data; `check` reports the invalid
+    texts_of = field_texts(recs)
+    convs = [r for r in recs if "messages" in r]
     report = StatsReport(
         list(sources),
         len(recs),
-        sum(bool(r["input"]) for r in recs),
-        {f: percentiles([len(r[f]) for r in recs if r[f]]) for f in FIELDS},
+        sum(bool(r.get("input")) for r in recs),
+        {f: percentiles([len(t) for t in texts]) for f, texts in texts_of.items()},
+        conversations=len(convs),
+        turns_per_conversation=percentiles([len(r["messages"]) for r in convs]),
     )
     lengths: dict[str, list[int]] = {}
     for model in models or [ModelArgs().base_model]:
-        tok = TokenLengths.load(model, template)
+        tok = TokenLengths.load(model, template, bool(convs))
         per_field = {}
         chars = tokens = 0
-        for f in FIELDS:
-            texts = [r[f] for r in recs if r[f]]
+        for f, texts in texts_of.items():
             counts = tok.count(texts)
             per_field[f] = percentiles(counts)
             chars += sum(map(len, texts))
@@ -114,6 +143,7 @@ def data_stats(
         lengths[model] = full
         report.tokenizers[model] = {
             "vocab_size": len(tok.tokenizer),
+            "template": tok.template.name,
             "tokens_per_character": round(tokens / max(chars, 1), 3),
             "tokens": per_field,
             "example_tokens": percentiles(full),
@@ -155,16 +185,22 @@ def plot_histogram(lengths: dict[str, list[int]], report: StatsReport, cutoff_le
 def print_stats(r: StatsReport) -> None:
     share = r.with_input / max(r.records, 1)
     print(f"{r.records:,} records, {r.with_input:,} with input ({share:.0%})")
+    if r.conversations:
+        t = r.turns_per_conversation
+        print(
+            f"{r.conversations:,} of them conversations: turns p50 {t.get('p50')}, p90 {t.get('p90')}, max {t.get('max')}"
+        )
     cols = ("p50", "p90", "p95", "p99", "max", "mean")
     print(f"\ncharacters   {''.join(f'{c:>8}' for c in cols)}")
     for f, p in r.characters.items():
-        print(f"  {f:<11}{''.join(f'{p.get(c, 0):>8}' for c in cols)}")
+        print(f"  {f:<15}{''.join(f'{p.get(c, 0):>8}' for c in cols)}")
     for name, t in r.tokenizers.items():
         print(
-            f"\ntokens ({name}, vocab {t['vocab_size']:,}): {t['tokens_per_character']:.2f} tokens per character"
+            f"\ntokens ({name}, vocab {t['vocab_size']:,}, template {t['template']}): "
+            f"{t['tokens_per_character']:.2f} tokens per character"
         )
         for f, p in t["tokens"].items():
-            print(f"  {f:<11}{''.join(f'{p.get(c, 0):>8}' for c in cols)}")
+            print(f"  {f:<15}{''.join(f'{p.get(c, 0):>8}' for c in cols)}")
         e = t["example_tokens"]
         print(
             f"  {'example':<11}{''.join(f'{e.get(c, 0):>8}' for c in cols)}   (prompt template + response + EOS)"

@@ -1,8 +1,8 @@
 """``kaika chat``: talk to base model + adapter in the terminal, answers streamed as they come.
 
-Each turn is prompted with the adapter's saved template; earlier turns come first as earlier
-prompt/answer pairs and ``--system`` text is the template's input (see ``kaika.data.messages``).
-When the conversation outgrows the context window, the oldest turns are left out.
+The whole conversation so far (``--system`` text first) is rendered with the run's saved template
+exactly as training encoded conversations (:mod:`kaika.data.segments`): kaika's multi-turn form or
+the model's chat template. When it outgrows the context window, the oldest exchanges are left out.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kaika.config import GenerateArgs, from_dict
-from kaika.data.messages import chat_prompt
-from kaika.data.tokenize import encode_prompt
+from kaika.data.segments import prompt_ids
 from kaika.errors import KaikaError
 from kaika.inference.engine import ContextTooLong, Result, Stream, check_fits, context_length, fits, run
 from kaika.inference.generate import Loaded, load_for_inference
@@ -72,9 +71,7 @@ class Chat:
         system = [{"role": "system", "content": self.system}] if self.system else []
         turns = list(self.history)
         while True:
-            ids = encode_prompt(
-                tok, chat_prompt(template, system + turns + [{"role": "user", "content": message}])
-            )
+            ids = prompt_ids(template, tok, system + turns + [{"role": "user", "content": message}])
             if fits(len(ids), self.args.max_new_tokens, self.context) or not turns:
                 break
             turns = turns[2:]  # drop the oldest question and its answer
@@ -92,7 +89,10 @@ class Chat:
         self.cancel.clear()
         model, tokenizer, args, cancel = self.loaded.model, self.loaded.tokenizer, self.args, self.cancel
         stream = Stream(
-            tokenizer, lambda streamer: run(model, tokenizer, ids, args, streamer=streamer, cancel=cancel)
+            tokenizer,
+            lambda streamer: run(
+                model, tokenizer, ids, args, streamer=streamer, cancel=cancel, stop_ids=self.loaded.stop_ids
+            ),
         )
         for piece in stream:
             write(piece)

@@ -125,12 +125,15 @@ def run(
     streamer: Any = None,
     cancel: threading.Event | None = None,
     stop: Iterable[str] = (),
+    stop_ids: Sequence[int] | None = None,
 ) -> Result:
-    """Generate a continuation of ``prompt_ids`` (batch of one). Blocking: call it off the event loop."""
+    """Generate a continuation of ``prompt_ids`` (batch of one). Blocking: call it off the event loop.
+    ``stop_ids``: the tokens that end an answer (default: EOS); ``stop``: strings that do too."""
     from transformers import StoppingCriteriaList, set_seed
 
     stop = [s for s in stop if s]
-    config = generation_config(args, tokenizer)
+    stop_ids = list(stop_ids or [tokenizer.eos_token_id])
+    config = generation_config(args, tokenizer, stop_ids)
     if stop:
         config.stop_strings = stop
     device = next(model.parameters()).device
@@ -151,10 +154,10 @@ def run(
             streamer.end()  # generate() ends the stream only on success; the consumer must not hang
         raise
     new = out[0, len(prompt_ids) :].tolist()
-    eos = tokenizer.eos_token_id
-    hit_eos = eos in new
+    end = next((i for i, t in enumerate(new) if t in stop_ids), None)
+    hit_eos = end is not None
     if hit_eos:
-        new = new[: new.index(eos)]
+        new = new[:end]
     text, hit_stop = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
     if hit_eos or hit_stop:
         reason = "stop"

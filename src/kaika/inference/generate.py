@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from kaika.config import GenerateArgs, ModelArgs
-from kaika.data.prompts import PromptTemplate
-from kaika.data.tokenize import encode_prompt, pad_batch, resolve_pad_token
+from kaika.data.prompts import Template
+from kaika.data.segments import record_prompt_ids, stop_ids
+from kaika.data.tokenize import pad_batch, resolve_pad_token
 from kaika.modeling.load import load_model, load_tokenizer, resolve_source
 from kaika.rundir import RunDir
 
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 class Loaded:
     model: Any
     tokenizer: Any
-    template: PromptTemplate
+    template: Template
     run: RunDir
     model_args: ModelArgs  # as the base was loaded here (the run's, but unquantized without CUDA)
+    stop_ids: list[int]  # EOS, and a chat template's end-of-turn token: what ends an answer
 
 
 @dataclass
@@ -67,7 +69,7 @@ def load(run: RunDir, base_only: bool = False) -> Loaded:
         model = model.to("cuda")
     if run.is_adapter and not base_only:
         model = PeftModel.from_pretrained(model, run.path).eval()
-    return Loaded(model, tokenizer, run.template, run, model_args)
+    return Loaded(model, tokenizer, run.template, run, model_args, stop_ids(run.template, tokenizer))
 
 
 def load_for_inference(
@@ -81,7 +83,8 @@ def load_for_inference(
     return load(RunDir.open(adapter_dir, base_model, dtype, template), base_only)
 
 
-def generation_config(args: GenerateArgs, tokenizer):
+def generation_config(args: GenerateArgs, tokenizer, stops: list[int] | None = None):
+    """``stops``: the ids that end an answer (default: EOS)."""
     from transformers import GenerationConfig
 
     sample = args.temperature > 0
@@ -93,7 +96,7 @@ def generation_config(args: GenerateArgs, tokenizer):
         top_k=args.top_k if sample else None,
         repetition_penalty=args.repetition_penalty,
         num_beams=args.num_beams,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops or tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -106,23 +109,21 @@ def generate_batch(
     from transformers import set_seed
 
     tok = loaded.tokenizer
-    prompts = [
-        {"input_ids": encode_prompt(tok, loaded.template.format(r["instruction"], r.get("input") or ""))}
-        for r in records
-    ]
+    prompts = [{"input_ids": record_prompt_ids(loaded.template, tok, r)} for r in records]
     batch = pad_batch(prompts, tok.pad_token_id, side="left")  # every row continues from its last token
     device = next(loaded.model.parameters()).device
     set_seed(args.seed)
     out = loaded.model.generate(
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
-        generation_config=generation_config(args, tok),
+        generation_config=generation_config(args, tok, loaded.stop_ids),
         streamer=streamer,
     )
     results = []
     for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        stopped = tok.eos_token_id in row
-        tokens = row[: row.index(tok.eos_token_id)] if stopped else row  # pads only follow EOS
+        end = next((i for i, t in enumerate(row) if t in loaded.stop_ids), None)
+        stopped = end is not None
+        tokens = row[:end] if stopped else row  # pads only follow a stop token
         results.append(Generation(tok.decode(tokens, skip_special_tokens=True).strip(), len(tokens), stopped))
     return results
 

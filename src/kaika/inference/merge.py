@@ -19,8 +19,9 @@ import torch
 
 from kaika.config import ModelArgs, TrainConfig
 from kaika.data.messages import jinja_chat_template
-from kaika.data.prompts import PromptTemplate
-from kaika.data.tokenize import encode_prompt, pad_batch, resolve_pad_token
+from kaika.data.prompts import ChatTemplate, PromptTemplate, Template
+from kaika.data.segments import record_prompt_ids, stop_ids
+from kaika.data.tokenize import pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
 from kaika.guard import check_inputs_outside, check_replaceable, replace_owned
 from kaika.modeling.builtin import BUILTIN_CARDS
@@ -162,19 +163,26 @@ def load_full_precision(model_args: ModelArgs, source: ModelSource, adapter_dir:
     return PeftModel.from_pretrained(base, adapter_dir).eval(), trained_quantized
 
 
-def verify_batch(tokenizer, template: PromptTemplate) -> dict[str, torch.Tensor]:
-    prompts = [{"input_ids": encode_prompt(tokenizer, template.format(i, x))} for i, x in VERIFY_PROMPTS]
+def verify_batch(tokenizer, template: Template) -> dict[str, torch.Tensor]:
+    prompts = [
+        {"input_ids": record_prompt_ids(template, tokenizer, {"instruction": i, "input": x})}
+        for i, x in VERIFY_PROMPTS
+    ]
     return pad_batch(prompts, tokenizer.pad_token_id, side="left")  # as generation batches them
 
 
 def write_checkpoint(merged, tokenizer, template, cfg, out: Path, max_shard_size: str) -> None:
     gen = merged.generation_config
-    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops = stop_ids(template, tokenizer)  # EOS, and a chat template's end of turn
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
     merged.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     # Other servers (vLLM, TGI, apply_chat_template) then prompt the model as kaika does.
-    tokenizer.chat_template = jinja_chat_template(template)
+    tokenizer.chat_template = (
+        template.source if isinstance(template, ChatTemplate) else jinja_chat_template(template)
+    )
     save_tokenizer(tokenizer, out)
     save_template(template, out)
     save_config(cfg, out, MERGED_CONFIG_FILE)
@@ -221,7 +229,7 @@ def base_terms(card: dict[str, str]) -> str:
 # The card is one Markdown template with the run's facts filled in: long, but read top to bottom.
 def model_card(
     cfg: TrainConfig,
-    template: PromptTemplate,
+    template: Template,
     adapter_dir: Path,
     dtype: str,
     quantized: bool,
@@ -240,7 +248,12 @@ def model_card(
         if quantized
         else ""
     )
-    example = template.format("日本の首都はどこですか？")
+    question = "日本の首都はどこですか？"
+    example = (
+        template.format(question)
+        if isinstance(template, PromptTemplate)
+        else f"(the chat template in tokenizer_config.json, with a user turn: {question})"
+    )
     card = BUILTIN_CARDS.get(cfg.model.base_model, {})
     licence = "".join(f"{k}: {card[k]}\n" for k in ("license", "license_name", "license_link") if k in card)
     return f"""---

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kaika.config import GenerateArgs
-from kaika.data.tokenize import encode_prompt
+from kaika.data.segments import record_prompt_ids
 from kaika.errors import KaikaError, require_extra
 from kaika.inference.engine import ContextTooLong, Stream, check_fits, context_length, run
 from kaika.inference.generate import Loaded, load_for_inference
@@ -70,10 +70,14 @@ def stream_answer(
     """The answer so far, after each new piece of text (an error of the generation is raised here,
     and Gradio shows it on the page)."""
     model, tok = loaded.model, loaded.tokenizer
-    ids = encode_prompt(tok, loaded.template.format(instruction, input))
+    ids = record_prompt_ids(loaded.template, tok, {"instruction": instruction, "input": input})
     text = ""
     stream = Stream(
-        tok, lambda streamer: run(model, tok, ids, args, streamer=streamer, cancel=cancel), cancel=cancel
+        tok,
+        lambda streamer: run(
+            model, tok, ids, args, streamer=streamer, cancel=cancel, stop_ids=loaded.stop_ids
+        ),
+        cancel=cancel,
     )
     for piece in stream:
         text += piece
@@ -99,7 +103,9 @@ def answer_handler(loaded: Loaded, t: dict[str, str], defaults: GenerateArgs):
             seed=int(seed),
             num_beams=1,
         )
-        n = len(encode_prompt(loaded.tokenizer, loaded.template.format(instruction, input)))
+        n = len(
+            record_prompt_ids(loaded.template, loaded.tokenizer, {"instruction": instruction, "input": input})
+        )
         try:
             check_fits(n, args.max_new_tokens, context)
         except ContextTooLong as e:

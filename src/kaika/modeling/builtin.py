@@ -138,6 +138,9 @@ GEMMA_PROVENANCE = """# gemma-3-270m (kaika builtin)
 - Converted by kaika ({kaika}) with transformers {transformers}: read with `gguf_file=`, which
   dequantizes every tensor, and saved as float32 safetensors with its tokenizer. The weights are
   those of the 4-bit GGUF file, not of Google's bf16 release: expect slightly lower quality.
+- Chat template: the GGUF file has none, so kaika adds its own Jinja rendering of Gemma 3's
+  documented turn format (`<start_of_turn>user … <end_of_turn>`, system text opening the first user
+  turn; https://ai.google.dev/gemma/docs/core/prompt-structure), from `kaika/assets/chat_templates/`.
 - Licence: **Gemma Terms of Use** (`GEMMA_TERMS.html` beside this file, from
   https://ai.google.dev/gemma/terms; see also the Gemma Prohibited Use Policy). They apply to this
   model, to adapters trained on it and to models merged from it ("Model Derivatives"): pass the terms
@@ -159,13 +162,36 @@ def _gemma_package():
         ) from None
 
 
+def gemma_3_tokenizer(gguf: Path | None = None):
+    """The builtin gemma-3-270m's tokenizer, read from the package's GGUF file, with its chat template.
+
+    The GGUF file carries no chat template; Google's release has one. kaika's own rendering of the
+    documented Gemma 3 turn format takes its place (``--template chat``, and ``auto`` on conversations).
+    """
+    from transformers import AutoTokenizer
+
+    from kaika.modeling.load import missing_gguf
+
+    if gguf is None:
+        package = _gemma_package()
+        gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as e:
+        raise missing_gguf(e) from None
+    tokenizer.chat_template = (
+        resources.files("kaika.assets").joinpath("chat_templates/gemma3.jinja").read_text(encoding="utf-8")
+    )
+    return tokenizer
+
+
 def build_gemma_3_270m(out: Path) -> None:
     """Join the package's GGUF chunks (sha256 checked) and convert the GGUF into a local checkpoint."""
     from importlib import metadata
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from kaika import __version__
     from kaika.modeling.load import drop_gguf_quantizer, missing_gguf
@@ -173,8 +199,8 @@ def build_gemma_3_270m(out: Path) -> None:
     package = _gemma_package()
     gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
     log.info("converting %s (dequantized, float32) into %s; about a minute, once", gguf.name, out)
+    tokenizer = gemma_3_tokenizer(gguf)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as e:
         raise missing_gguf(e) from None
@@ -200,7 +226,7 @@ def build_gemma_3_270m(out: Path) -> None:
 # recipe changes, so stale caches are not reused.
 BUILTIN_MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny-bloom-ja": (TINY_BLOOM_JA_VERSION, build_tiny_bloom_ja),
-    "gemma-3-270m": ("v1", build_gemma_3_270m),
+    "gemma-3-270m": ("v2", build_gemma_3_270m),  # v2: with the Gemma 3 chat template
 }
 
 # Pretrained builtins whose weights ship inside the package (plain git, no LFS): name → folder

@@ -15,7 +15,7 @@ from typing import Any
 from kaika.atomic import staged_output
 from kaika.config import TrainConfig, check
 from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
-from kaika.data.prompts import PromptTemplate, load_template
+from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
 from kaika.data.records import load_records, split_records
 from kaika.data.tokenize import DataReport, PadCollator, encode_records, pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
@@ -75,11 +75,13 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, out: Path) -> TrainResult:
-    template = load_template(cfg.data.template)
+    if cfg.data.template not in (AUTO, CHAT):
+        load_template(cfg.data.template)  # a bad template file fails before the data is read
     train_records, val_records = load_data(cfg)  # all input checked before any model is loaded
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     resolve_pad_token(tokenizer)
+    template = choose_template(cfg, tokenizer, train_records)
     train_set, val_set, report = tokenize_data(cfg, template, tokenizer, train_records, val_records)
     model = build_model(cfg, source)
     rows, collator = (
@@ -118,9 +120,29 @@ def load_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, st
     return split_records(records, cfg.data.val_set_size, cfg.train.seed)
 
 
-def warn_duplicates(records: list[dict[str, str]]) -> None:
+def choose_template(cfg: TrainConfig, tokenizer, records: list[dict]) -> Template:
+    conversations = sum("messages" in r for r in records)
+    template = resolve_template(cfg.data.template, tokenizer, conversations > 0)
+    log.info(
+        "template: %s (%s) for %d conversation(s) and %d Alpaca record(s); loss on %s",
+        template.name,
+        "the base model's chat template" if template.kind == "chat" else "kaika's template",
+        conversations,
+        len(records) - conversations,
+        "all tokens" if cfg.data.train_on_inputs else cfg.data.train_on,
+    )
+    return template
+
+
+def record_key(r: dict) -> tuple:
+    if "messages" in r:
+        return tuple((m["role"], m["content"]) for m in r["messages"])
+    return (r["instruction"], r["input"], r["output"])
+
+
+def warn_duplicates(records: list[dict]) -> None:
     """Identical records train with double weight, usually by accident (a file given twice, a merge)."""
-    seen = len({(r["instruction"], r["input"], r["output"]) for r in records})
+    seen = len({record_key(r) for r in records})
     if seen < len(records):
         log.warning(
             "%d of %d training records are exact duplicates of another (a file given twice?); each copy "
@@ -130,11 +152,14 @@ def warn_duplicates(records: list[dict[str, str]]) -> None:
         )
 
 
-def tokenize_data(cfg: TrainConfig, template: PromptTemplate, tokenizer, train_records, val_records):
+def tokenize_data(cfg: TrainConfig, template: Template, tokenizer, train_records, val_records):
     d = cfg.data
-    train_set, report = encode_records(train_records, template, tokenizer, d.cutoff_len, d.train_on_inputs)
+    how = {"train_on": d.train_on, "truncation": d.truncation}
+    train_set, report = encode_records(
+        train_records, template, tokenizer, d.cutoff_len, d.train_on_inputs, **how
+    )
     val_set, _ = encode_records(
-        val_records, template, tokenizer, d.cutoff_len, d.train_on_inputs, "tokenizing val"
+        val_records, template, tokenizer, d.cutoff_len, d.train_on_inputs, "tokenizing val", **how
     )
     log.info("data: %s", report.summary())
     if not train_set:
@@ -171,7 +196,7 @@ def save_and_verify(
     cfg: TrainConfig,
     fitted: Fitted,
     tokenizer,
-    template: PromptTemplate,
+    template: Template,
     report: DataReport,
     source: ModelSource,
     train_set,
@@ -195,6 +220,8 @@ def save_and_verify(
     # half-written adapter where generate would load it.
     with staged_output(out) as stage:
         model.save_pretrained(stage)
+        if template.kind == "chat":  # other tools prompt the run (and its merge) with what it trained on
+            tokenizer.chat_template = template.source
         save_tokenizer(tokenizer, stage)
         save_config(cfg, stage)
         save_template(template, stage)

@@ -5,8 +5,9 @@
   refused at once with 429, never left hanging. A slot is freed when its generation ends, not
   when its client leaves: a disconnected client's generation still occupies the model until it
   stops at its next token.
-* ``/v1/completions`` continues the prompt as given; ``/v1/chat/completions`` maps the messages
-  onto the adapter's saved instruction template (see :mod:`kaika.data.messages`).
+* ``/v1/completions`` continues the prompt as given; ``/v1/chat/completions`` renders the messages
+  with the adapter's saved template exactly as training encoded conversations (see
+  :mod:`kaika.data.segments`); an answer ends at EOS or the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kaika.config import GenerateArgs
-from kaika.data.messages import chat_prompt
+from kaika.data.messages import as_messages
+from kaika.data.segments import prompt_ids as conversation_ids
 from kaika.data.tokenize import encode_prompt
 from kaika.errors import KaikaError
 from kaika.inference.engine import ContextTooLong, Result, Stream, check_fits, run
@@ -90,11 +92,12 @@ class Api:
             d, max_new_tokens=max_tokens, num_beams=1, **{k: v for k, v in given.items() if v is not None}
         )
 
-    def prompt_ids(self, prompt: str, args: GenerateArgs) -> list[int]:
-        """Tokenized and checked against the context; blocking (call it off the event loop)."""
+    def prompt_ids(self, prompt: str | list[int], args: GenerateArgs) -> list[int]:
+        """Tokenized (unless given as ids) and checked against the context; blocking (call it off
+        the event loop)."""
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
-        ids = encode_prompt(self.pool.tokenizer, prompt)
+        ids = encode_prompt(self.pool.tokenizer, prompt) if isinstance(prompt, str) else prompt
         try:
             check_fits(len(ids), args.max_new_tokens, self.options.context_length or self.pool.context_length)
         except ContextTooLong as e:
@@ -129,7 +132,16 @@ class Api:
 
         def generate(streamer=None) -> Result:
             with self.pool.using(entry) as model:
-                return run(model, self.pool.tokenizer, ids, args, streamer=streamer, cancel=cancel, stop=stop)
+                return run(
+                    model,
+                    self.pool.tokenizer,
+                    ids,
+                    args,
+                    streamer=streamer,
+                    cancel=cancel,
+                    stop=stop,
+                    stop_ids=entry.stop_ids,
+                )
 
         return generate
 
@@ -312,10 +324,11 @@ def create_app(pool: ModelPool, options: ServeOptions) -> DeclaredBodyLimit:
 
         def prompt_ids() -> list[int]:
             try:
-                prompt = chat_prompt(entry.template, req.messages)
+                messages = [{"role": m.role, "content": m.content} for m in as_messages(req.messages)]
+                ids = conversation_ids(entry.template, api.pool.tokenizer, messages)
             except KaikaError as e:
                 raise APIError(400, str(e), param="messages") from None
-            return api.prompt_ids(prompt, args)
+            return api.prompt_ids(ids, args)
 
         ids = await asyncio.to_thread(prompt_ids)
         return await api.answer(req, entry, ids, args, chat=True)

@@ -6,7 +6,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaika.data.prompts import PromptTemplate, load_template
+from kaika.data.prompts import Template, resolve_template
+from kaika.data.segments import stop_ids
 from kaika.errors import KaikaError
 from kaika.inference.engine import context_length
 from kaika.inference.generate import load
@@ -17,7 +18,8 @@ from kaika.rundir import RunDir, base_of
 class Entry:
     name: str
     adapter: str | None  # peft adapter name; None: the base model alone
-    template: PromptTemplate
+    template: Template
+    stop_ids: list[int]  # what ends an answer: EOS, and a chat template's end-of-turn token
 
 
 class ModelPool:
@@ -51,7 +53,7 @@ class ModelPool:
                 model = PeftModel.from_pretrained(model, run.path, adapter_name=name)
             else:
                 model.load_adapter(run.path, adapter_name=name)
-            self.entries[name] = Entry(name, name, run.template)
+            self.entries[name] = Entry(name, name, run.template, stop_ids(run.template, self.tokenizer))
         self.model = model.eval()
         self.base_name = base_name or Path(base_run.model_args.base_model).name.removesuffix(".gguf")
         if self.base_name in self.entries:
@@ -60,8 +62,9 @@ class ModelPool:
             )
         # The base alone is prompted like the first adapter (or with its own saved template).
         default = next(iter(self.entries.values())).template if self.entries else loaded.template
+        base_template = resolve_template(template, self.tokenizer) if template else default
         self.entries[self.base_name] = Entry(
-            self.base_name, None, load_template(template) if template else default
+            self.base_name, None, base_template, stop_ids(base_template, self.tokenizer)
         )
         self.context_length = context_length(self.model, self.tokenizer)
 
