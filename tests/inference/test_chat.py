@@ -58,15 +58,14 @@ class Terminal:
 def reference(tiny_adapters):  # noqa: F811
     """kaika's in-process generation for a given conversation (what the chat must print)."""
     from kaika.config import GenerateArgs
-    from kaika.data.messages import chat_prompt
-    from kaika.data.tokenize import encode_prompt
+    from kaika.data.segments import prompt_ids
     from kaika.inference.engine import run
     from kaika.inference.generate import load_for_inference
 
     loaded = load_for_inference(tiny_adapters[0])
 
     def answer(messages, max_new_tokens=10):
-        ids = encode_prompt(loaded.tokenizer, chat_prompt(loaded.template, messages))
+        ids = prompt_ids(loaded.template, loaded.tokenizer, messages)
         return run(loaded.model, loaded.tokenizer, ids, GenerateArgs(max_new_tokens=max_new_tokens))
 
     return answer

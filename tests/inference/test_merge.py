@@ -11,7 +11,7 @@ import yaml
 
 from adapters import tiny_adapters  # noqa: F401  (fixture)
 from kaika.cli import main
-from kaika.data.messages import chat_prompt
+from kaika.data.messages import kaika_pieces
 from kaika.data.prompts import load_template
 from kaika.errors import KaikaError
 from kaika.inference.merge import TRAINING_CONFIG_FILE, merge
@@ -52,7 +52,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(tmp_path, tiny_adapters):  #
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["eos_token_id"], gen["pad_token_id"]) == (tok.eos_token_id, tok.pad_token_id) == (2, 3)
 
-    # The tokenizer's chat template renders what kaika's own chat mapping renders.
+    # The tokenizer's chat template renders what kaika's multi-turn form renders (EOS after each answer).
     template = load_template(out / "template.json")
     assert template == load_template(adapter / "template.json")
     conversation = [
@@ -61,7 +61,9 @@ def test_merged_checkpoint_equals_base_plus_adapter(tmp_path, tiny_adapters):  #
         {"role": "assistant", "content": "まだ無いです。"},
         {"role": "user", "content": "どこで生まれましたか？"},
     ]
-    assert tok.apply_chat_template(conversation, tokenize=False) == chat_prompt(template, conversation)
+    pieces = kaika_pieces(template, conversation)
+    text = "".join(t + (tok.eos_token if kind == "answer" else "") for kind, t in pieces)
+    assert tok.apply_chat_template(conversation, tokenize=False) == text
 
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])

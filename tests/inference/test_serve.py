@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,46 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters import tiny_adapters  # noqa: F401  (fixture)
+from servers import free_port, start_server, stop_server
 
 KEY = "sk-kaika-test"
 MAX_TOKENS_LIMIT = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    args: list[str], port: int, log: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    # One thread: the tiny model gains nothing from two, and the test machine's cores are shared.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kaika", "serve", *args, "--port", str(port)], stdout=f, stderr=f, env=env
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError(f"server did not come up:\n{log.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +58,7 @@ def client(server):
 def references(tiny_adapters):  # noqa: F811
     """What kaika's own in-process generation answers, per served model name (greedy, 12 tokens)."""
     from kaika.config import GenerateArgs
-    from kaika.data.messages import chat_prompt
-    from kaika.data.tokenize import encode_prompt
+    from kaika.data.segments import prompt_ids
     from kaika.inference.engine import run
     from kaika.inference.generate import load_for_inference
 
@@ -107,7 +68,7 @@ def references(tiny_adapters):  # noqa: F811
         ("tiny-bloom-ja", tiny_adapters[0], True),
     ):
         loaded = load_for_inference(path, base_only=base_only)
-        ids = encode_prompt(loaded.tokenizer, chat_prompt(loaded.template, messages))
+        ids = prompt_ids(loaded.template, loaded.tokenizer, messages)
         out[name] = run(loaded.model, loaded.tokenizer, ids, GenerateArgs(max_new_tokens=12)).text
     return messages, out
 

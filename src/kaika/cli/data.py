@@ -1,4 +1,4 @@
-"""``kaika data check|stats`` and ``kaika translate``: options in, one library call, a report out."""
+"""``kaika data check|stats|convert`` and ``kaika translate``: options in, one library call, a report out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from kaika.data.stats import data_stats, print_stats
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE", help="Alpaca JSON/JSONL files (or dataset dirs)")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="Data files: Alpaca or conversations, JSON/JSONL (or dataset dirs)",
+    )
     p.add_argument(
         "--columns", nargs="+", metavar="KEY=VALUE", default=[], help="Column mapping, as in train"
     )
@@ -94,6 +99,29 @@ def add_data(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--plot", metavar="PNG", help="Write a histogram of example lengths in tokens")
     s.set_defaults(data_run=run_stats)
+    from kaika.data import convert
+
+    v = sub.add_parser(
+        "convert",
+        help="Alpaca records into conversations (messages, ShareGPT) and back",
+        description=convert.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.add_argument(
+        "files", nargs="+", metavar="FILE", help="Data files (or dataset dirs), any mix of formats"
+    )
+    v.add_argument(
+        "--to", required=True, choices=("messages", "sharegpt", "alpaca"), help="The format to write"
+    )
+    v.add_argument("-o", "--output", required=True, help="The JSON Lines file to write")
+    v.add_argument(
+        "--columns", nargs="+", metavar="KEY=VALUE", default=[], help="Column mapping, as in train"
+    )
+    v.add_argument(
+        "--strict", action="store_true", help="--to alpaca: refuse if any conversation has no Alpaca form"
+    )
+    v.add_argument("--overwrite", action="store_true", help="Replace an existing output file")
+    v.set_defaults(data_run=run_convert)
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -123,6 +151,16 @@ def run_stats(ns: argparse.Namespace) -> None:
     _write_json(ns.json, report.to_json())
     if ns.plot:
         print(f"\nhistogram: {ns.plot}")
+
+
+def run_convert(ns: argparse.Namespace) -> None:
+    from kaika.data.convert import convert_file
+
+    r = convert_file(ns.files, ns.output, ns.to, _columns(ns.columns), ns.overwrite, ns.strict)
+    print(f"wrote {r.written:,} record(s) as {ns.to} to {r.output}")
+    if r.left_out:
+        shown = "; ".join(r.left_out[:5]) + (" …" if len(r.left_out) > 5 else "")
+        print(f"left out {len(r.left_out):,} multi-turn conversation(s) with no Alpaca form: {shown}")
 
 
 def add_translate(p: argparse.ArgumentParser) -> None:

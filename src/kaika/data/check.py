@@ -511,18 +511,28 @@ def check_token_lengths(recs: list[Rec], opts: CheckOptions, report: CheckReport
     for rec, (prompt_len, full_len) in zip(ok, lengths, strict=True):
         if full_len <= opts.cutoff_len:
             continue
-        if prompt_len + 1 >= opts.cutoff_len:
+        if rec.conversation:  # what training does with it: oldest exchanges out first, then the cut
+            from kaika.data.segments import encode_conversation
+
+            ex = encode_conversation(tok.template, tok.tokenizer, rec.record["messages"], opts.cutoff_len)
+            if ex is None:
+                dropped += 1
+                msg = f"{full_len} tokens, and its last exchange alone does not fit cutoff_len {opts.cutoff_len}: dropped in training"
+            else:
+                truncated += 1
+                left = f"its {ex.turns_dropped} oldest exchange(s) are left out" if ex.turns_dropped else ""
+                cut = "its last answer is cut, end of turn kept" if ex.truncated else ""
+                msg = f"{full_len} tokens > cutoff_len {opts.cutoff_len}: " + " and ".join(
+                    x for x in (left, cut) if x
+                )
+        elif prompt_len + 1 >= opts.cutoff_len:
             dropped += 1
             msg = (
                 f"the prompt alone is {prompt_len} tokens (cutoff_len {opts.cutoff_len}): dropped in training"
             )
         else:
             truncated += 1
-            msg = f"{full_len} tokens > cutoff_len {opts.cutoff_len}: " + (
-                "its oldest exchanges are left out (or its last answer cut, end of turn kept)"
-                if rec.conversation
-                else "the response is cut, EOS kept"
-            )
+            msg = f"{full_len} tokens > cutoff_len {opts.cutoff_len}: the response is cut, EOS kept"
         report.findings.append(
             _finding(
                 "too_long",
@@ -709,8 +719,8 @@ def print_report(report: CheckReport, show: int = 3) -> None:
         t = report.too_long
         print(
             f"\nwith {t['model']} and template {t['template']}: {t['truncated'] + t['dropped']} of {t['examples']} "
-            f"examples exceed cutoff_len {t['cutoff_len']}: {t['truncated']} truncated (response cut, EOS kept), "
-            f"{t['dropped']} dropped (the prompt alone is too long)"
+            f"examples exceed cutoff_len {t['cutoff_len']}: {t['truncated']} shortened (response cut, EOS kept; "
+            f"a conversation's oldest exchanges left out first), {t['dropped']} dropped (the prompt alone is too long)"
         )
     by_kind: dict[str, list[Finding]] = defaultdict(list)
     for f in report.findings:

@@ -103,7 +103,8 @@ def field_texts(recs: list[dict]) -> dict[str, list[str]]:
         out[f"{role} turn"] = [
             m["content"] for r in recs if "messages" in r for m in r["messages"] if m["role"] == role
         ]
-    return {f: texts for f, texts in out.items() if texts or f in FIELDS}
+    alpaca = any("messages" not in r for r in recs)
+    return {f: texts for f, texts in out.items() if texts or (f in FIELDS and alpaca)}
 
 
 def data_stats(
