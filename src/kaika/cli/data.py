@@ -24,7 +24,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     d = DataArgs()  # measured as kaika train would encode the examples by default
     p.add_argument(
-        "--template", default=d.template, help=f"Prompt template for token counts (default: {d.template})"
+        "--template",
+        default=d.template,
+        help=f"Prompt template for token counts, as in train (default: {d.template})",
     )
     p.add_argument(
         "--cutoff-len",

@@ -96,5 +96,7 @@ def add_inference_args(
     p.add_argument("--dtype", choices=choices(Dtype), help="Override the dtype saved with the adapter")
     if template:
         p.add_argument(
-            "--template", help="Prompt template (name or JSON path); default: the one saved with the run"
+            "--template",
+            help="Prompt template: alpaca_ja, alpaca, chat (the model's chat template), a JSON or .jinja path; "
+            "default: the one saved with the run",
         )

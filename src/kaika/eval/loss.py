@@ -81,7 +81,15 @@ def eval_loss(
     d = subject.run.data_args
     tok = subject.tokenizer
     cutoff = cutoff_len or d.cutoff_len
-    features, report = encode_records(records, subject.template, tok, cutoff, d.train_on_inputs)
+    features, report = encode_records(
+        records,
+        subject.template,
+        tok,
+        cutoff,
+        d.train_on_inputs,
+        train_on=d.train_on,
+        truncation=d.truncation,
+    )
     if report.dropped_prompt_too_long:
         log.warning(
             "%d of %d examples skipped: the prompt alone exceeds cutoff_len %d (as in training)",
