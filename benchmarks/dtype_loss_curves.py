@@ -39,7 +39,12 @@ def run(base: str, dtype: str, data: str, steps: int, out: Path) -> dict:
     losses = [r["loss"] for r in rows if "loss" in r]
     speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first includes warm-up
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    return {"seconds": seconds, "losses": losses, "eval_loss": evals[-1], "tokens_per_s": sum(speed) / len(speed)}
+    return {
+        "seconds": seconds,
+        "losses": losses,
+        "eval_loss": evals[-1],
+        "tokens_per_s": sum(speed) / len(speed),
+    }
 
 
 def main() -> None:
@@ -59,7 +64,9 @@ def main() -> None:
         print(f"{i:4d}  {x:9.4f}  {y:9.4f}  {r:8.2%}")
     print(f"noise floor (step 1, same weights): {rel[0]:.2%}; largest over the run: {max(rel):.2%}")
     for d, r in res.items():
-        print(f"{d}: {r['seconds']:.0f} s, {r['tokens_per_s']:.0f} tokens/s, held-out loss {r['eval_loss']:.4f}")
+        print(
+            f"{d}: {r['seconds']:.0f} s, {r['tokens_per_s']:.0f} tokens/s, held-out loss {r['eval_loss']:.4f}"
+        )
     print(f"bf16 / fp32 tokens/s: {res['bfloat16']['tokens_per_s'] / res['float32']['tokens_per_s']:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": res}, indent=1) + "\n")

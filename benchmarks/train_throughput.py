@@ -65,7 +65,25 @@ class Variant:
         "sdpa"  # kaika's fused BLOOM attention (kaika.modeling.attention); "eager": transformers' own
     )
     packing: bool = False  # whole examples packed into rows of up to cutoff_len (micro batch counts rows)
+    trl: str = ""  # "default" / "best": TRL's SFTTrainer instead (the fields above do not apply)
 
+
+# TRL's SFTTrainer as a user would run it on this data (prompt-completion records: loss on the
+# completion only, EOS appended by TRL). "default": SFTConfig's defaults (gradient checkpointing on,
+# random batches, no padding multiple), dtype set as for every variant. "best": its settings that apply
+# to BLOOM on this hardware: gradient checkpointing off (memory is not the constraint at micro batch 4),
+# length-grouped batches, padding to a multiple of 8. Not applicable: padding_free and packing (they
+# need FlashAttention, which BLOOM has not and the CPU cannot run; BLOOM ignores position_ids, so a
+# packed row would attend across examples) and use_liger_kernel (Triton, CUDA only).
+TRL_SETTINGS = {
+    "default": {},
+    "best": {
+        "gradient_checkpointing": False,
+        "train_sampling_strategy": "group_by_length",
+        "pad_to_multiple_of": 8,
+    },
+}
+TRL_VERSION = "1.16.0"  # pinned: pip install -e ".[bench]"
 
 VARIANTS = {
     "baseline": Variant(False, False, False, False, padding_side="left", attention="eager"),
@@ -77,6 +95,8 @@ VARIANTS = {
     "kaika-eager-attention": Variant(True, True, True, True, attention="eager"),
     "kaika-packing": Variant(True, True, True, True, packing=True),
     "kaika-checkpointing": Variant(True, True, True, True, gradient_checkpointing=True),
+    "trl": Variant(True, True, True, False, trl="default"),
+    "trl-best": Variant(True, True, True, True, trl="best"),
 }
 # What a plain run measures: kaika-checkpointing trades time for memory, and kaika-packing puts more
 # tokens in each micro batch (its memory is not comparable at the same micro batch): opt-in (--variants).
@@ -88,7 +108,7 @@ DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("kaika-checkpointing", "kai
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=["small", "560m"], choices=sorted(SIZES))
+    p.add_argument("--sizes", nargs="+", default=["small", "560m"], choices=sorted(SIZES) + [GEMMA])
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=2, help="measured optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
@@ -97,7 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=512, help="size of the fixed sample of Dolly records")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument(
+        "--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
+        help="weights dtypes, each variant run in each (default: float32 and bfloat16 on CPU, bfloat16 on CUDA)",
+    )  # fmt: skip
     p.add_argument("--data", default=str(DOLLY), help="Alpaca-style JSONL (default: Japanese Dolly)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -111,49 +134,60 @@ def main(argv=None) -> None:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    gemm = gemm_rate(device, dtype)
-    print(f"{machine(device)}; {dtype} GEMM {gemm / 1e9:.1f} GFLOP/s", flush=True)
+    dtypes = args.dtypes or (["bfloat16"] if device == "cuda" else ["float32", "bfloat16"])
+    # The machine's peak for each dtype, measured now: each variant's MFU is against its own dtype's.
+    gemm = {dtype: gemm_rate(device, dtype) for dtype in dtypes}
+    print(
+        f"{machine(device)}; " + ", ".join(f"{d} GEMM {r / 1e9:.1f} GFLOP/s" for d, r in gemm.items()),
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="kaika-bench-"))
-    data = prepare_data(args, work)
-    print(data["summary"], flush=True)
+    data = {}
+    for size in args.sizes:
+        tok = tokenizer_of(size)
+        if tok not in data:
+            data[tok] = prepare_data(args, work, tok)
+            print(f"{tok}: {data[tok]['summary']}", flush=True)
     runs = []
     for size in args.sizes:
-        for name in args.variants:
-            spec = {
-                "size": size,
-                "variant": name,
-                "steps": args.steps,
-                "warmup": args.warmup,
-                "micro_batch": args.micro_batch,
-                "cutoff_len": args.cutoff_len,
-                "seed": args.seed,
-                "device": device,
-                "dtype": dtype,
-                "work": str(work),
-            }
-            started = time.perf_counter()
-            row = run_child(spec)
-            row.update(size=size, variant=name, wall_s=round(time.perf_counter() - started, 1))
-            if "error" not in row:
-                row["mfu"] = row["useful_flops_per_s"] / gemm
-            runs.append(row)
-            print(f"  {size:>5} {name:<20} {describe(row)}", flush=True)
-            # After each variant, so that a run cut short keeps the rows it has.
-            write_report(args, device, dtype, gemm, data, runs)
+        for dtype in dtypes:
+            for name in args.variants:
+                spec = {
+                    "size": size,
+                    "variant": name,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "micro_batch": args.micro_batch,
+                    "cutoff_len": args.cutoff_len,
+                    "seed": args.seed,
+                    "device": device,
+                    "dtype": dtype,
+                    "work": str(work / tokenizer_of(size)),
+                }
+                started = time.perf_counter()
+                row = run_child(spec)
+                row.update(
+                    size=size, variant=name, dtype=dtype, wall_s=round(time.perf_counter() - started, 1)
+                )
+                if "error" not in row:
+                    row["mfu"] = row["useful_flops_per_s"] / gemm[dtype]
+                runs.append(row)
+                print(f"  {size:>12} {dtype:<8} {name:<20} {describe(row)}", flush=True)
+                # After each variant, so that a run cut short keeps the rows it has.
+                write_report(args, device, gemm, data, runs)
     print()
     print(table(runs, device))
-    print(f"\nwritten: {write_report(args, device, dtype, gemm, data, runs)}")
+    print(f"\nwritten: {write_report(args, device, gemm, data, runs)}")
 
 
-def write_report(args, device: str, dtype: str, gemm: float, data: dict, runs: list[dict]) -> Path:
+def write_report(args, device: str, gemm: dict[str, float], data: dict, runs: list[dict]) -> Path:
     add_ratios(runs)
     report = {
         "machine": machine(device),
         "device": device,
-        "dtype": dtype,
         "gemm_flops_per_s": gemm,
-        "data": {k: v for k, v in data.items() if k != "summary"},
+        "trl": trl_version(),
+        "data": {t: {k: v for k, v in d.items() if k != "summary"} for t, d in data.items()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "json")},
         "variants": {k: asdict(v) for k, v in VARIANTS.items() if k in args.variants},
         "runs": runs,
@@ -204,19 +238,58 @@ def gemm_rate(device: str, dtype: str) -> float:
     return 2 * n**3 / best
 
 
-def prepare_data(args, work: Path) -> dict:
-    """A fixed random sample of records, encoded once by kaika (prompt masked, EOS kept) for all variants."""
-    from kaika.data.prompts import load_template
-    from kaika.data.records import load_records
-    from kaika.data.tokenize import encode_records
+GEMMA = "gemma-3-270m"  # the builtin: a current model's vocabulary (262,144) and its real weights
+
+
+def tokenizer_of(size: str) -> str:
+    return GEMMA if size == GEMMA else "bpe"
+
+
+def trl_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("trl")
+    except Exception:
+        return None
+
+
+def load_tokenizer(name: str):
+    if name == GEMMA:
+        from transformers import AutoTokenizer
+
+        from kaika.modeling.builtin import builtin_model_path
+
+        return AutoTokenizer.from_pretrained(builtin_model_path(GEMMA))
     from kaika.modeling.builtin import train_tokenizer
 
+    return train_tokenizer()
+
+
+def prepare_data(args, root: Path, name: str) -> dict:
+    """A fixed random sample of records, encoded once by kaika (prompt masked, EOS kept) for all
+    variants; for TRL the same kept records as prompt-completion text (TRL tokenizes them itself)."""
+    from kaika.data.prompts import load_template
+    from kaika.data.records import load_records
+    from kaika.data.tokenize import encode_example, encode_records, resolve_pad_token
+
+    work = root / name
+    work.mkdir(parents=True)
     records = load_records([args.data])
     sample = random.Random(args.seed).sample(records, min(args.records, len(records)))
-    tokenizer = train_tokenizer()
-    feats, report = encode_records(sample, load_template("alpaca_ja"), tokenizer, args.cutoff_len)
+    tokenizer = load_tokenizer(name)
+    resolve_pad_token(tokenizer)
+    template = load_template("alpaca_ja")
+    feats, report = encode_records(sample, template, tokenizer, args.cutoff_len)
+    texts = []
+    for r in sample:
+        prompt = template.format(r["instruction"], r["input"])
+        if encode_example(tokenizer, prompt, r["output"], args.cutoff_len) is not None:
+            texts.append({"prompt": prompt, "completion": r["output"]})
+    assert len(texts) == len(feats)
     tokenizer.save_pretrained(work / "tokenizer")
     (work / "features.json").write_text(json.dumps(feats), encoding="utf-8")
+    (work / "texts.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
     lengths = sorted(len(f["input_ids"]) for f in feats)
     supervised = sum(sum(x != -100 for x in f["labels"]) for f in feats)
     tokens = sum(lengths)
@@ -245,15 +318,20 @@ def run_child(spec: dict) -> dict:
 
 
 def add_ratios(runs: list[dict]) -> None:
-    base = {r["size"]: r for r in runs if r["variant"] == "baseline" and "error" not in r}
-    for r in runs:
-        b = base.get(r["size"])
-        if b is None or "error" in r:
-            continue
-        r["speedup_supervised"] = r["supervised_tokens_per_s"] / b["supervised_tokens_per_s"]
-        r["speedup_real"] = r["real_tokens_per_s"] / b["real_tokens_per_s"]
-        r["speedup_supervised_cpu_time"] = r["supervised_tokens_per_cpu_s"] / b["supervised_tokens_per_cpu_s"]
-        r["memory_ratio"] = r["peak_memory_bytes"] / b["peak_memory_bytes"]
+    """Ratios within one run, at the same size and dtype: to the alpaca-lora baseline, and to TRL's
+    best settings (``vs_trl_*``)."""
+    for ref, prefix in (("baseline", ""), ("trl-best", "vs_trl_")):
+        base = {(r["size"], r["dtype"]): r for r in runs if r["variant"] == ref and "error" not in r}
+        for r in runs:
+            b = base.get((r["size"], r["dtype"]))
+            if b is None or "error" in r:
+                continue
+            r[prefix + "speedup_supervised"] = r["supervised_tokens_per_s"] / b["supervised_tokens_per_s"]
+            r[prefix + "speedup_real"] = r["real_tokens_per_s"] / b["real_tokens_per_s"]
+            r[prefix + "speedup_supervised_cpu_time"] = (
+                r["supervised_tokens_per_cpu_s"] / b["supervised_tokens_per_cpu_s"]
+            )
+            r[prefix + "memory_ratio"] = r["peak_memory_bytes"] / b["peak_memory_bytes"]
 
 
 def describe(row: dict) -> str:
@@ -269,20 +347,21 @@ def table(runs: list[dict], device: str) -> str:
     nan = float("nan")
     mem = "peak CUDA GiB" if device == "cuda" else "peak RSS GiB"
     head = (
-        f"| size | variant | s/step | real tok/s | supervised tok/s | padding | {mem} | useful GFLOP/s | MFU "
-        "| × supervised tok/s | × per CPU-s | × peak memory |"
+        f"| size | dtype | variant | s/step | real tok/s | supervised tok/s | padding | {mem} | useful GFLOP/s "
+        "| MFU (own dtype) | × supervised tok/s | × per CPU-s | × peak memory | × TRL-best tok/s | × TRL-best memory |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['variant']} | failed: {r['error'][:80]} |")
+            lines.append(f"| {r['size']} | {r['dtype']} | {r['variant']} | failed: {r['error'][:80]} |")
             continue
         lines.append(
-            f"| {r['size']} | {r['variant']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.1f} "
+            f"| {r['size']} | {r['dtype']} | {r['variant']} | {r['s_per_step']:.2f} | {r['real_tokens_per_s']:.1f} "
             f"| {r['supervised_tokens_per_s']:.1f} | {r['padding_fraction']:.1%} "
             f"| {r['peak_memory_bytes'] / 2**30:.2f} | {r['useful_flops_per_s'] / 1e9:.1f} | {r['mfu']:.1%} "
             f"| {r.get('speedup_supervised', nan):.2f} | {r.get('speedup_supervised_cpu_time', nan):.2f} "
-            f"| {r.get('memory_ratio', nan):.2f} |"
+            f"| {r.get('memory_ratio', nan):.2f} | {r.get('vs_trl_speedup_supervised', nan):.2f} "
+            f"| {r.get('vs_trl_memory_ratio', nan):.2f} |"
         )
     return "\n".join(lines)
 
@@ -306,30 +385,89 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def step_flops(cfg, lengths, labels) -> float:
+def model_dims(model) -> dict[str, int]:
+    """What the FLOP count needs, read off the model: decoder layers, the parameters of their linear
+    layers (LoRA excluded), the width of attention (heads × head dim), vocabulary and hidden size."""
+    import torch
+
+    cfg = model.config
+    layers = getattr(cfg, "n_layer", None) or cfg.num_hidden_layers
+    heads = getattr(cfg, "n_head", None) or cfg.num_attention_heads
+    hidden = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    body = sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name and "lm_head" not in name
+    )
+    return {
+        "layers": layers,
+        "body": body,
+        "attention": heads * head_dim,
+        "vocab": cfg.vocab_size,
+        "hidden": hidden,
+    }
+
+
+def step_flops(dims: dict[str, int], lengths, labels) -> float:
     """Useful FLOPs of one LoRA step (frozen base): the same formula for every variant.
 
-    Per real token: forward 2·P through the body's linear layers (P = 12·L·h²) and 4·L·h·n in attention
-    over the n real tokens it may attend to (its row, or its example in a packed row); backward to activations costs the same again for the linear layers
-    (no weight gradients) and twice for attention. Per supervised token: the output layer, 2·V·h
-    forward and 2·V·h backward. Pad positions and logits nobody needs are not useful work.
+    Per real token: forward 2·P through the body's linear layers (P their parameters; 12·L·h² for
+    BLOOM) and 4·L·d·n in attention over the n real tokens it may attend to (d = heads × head dim;
+    its row, or its example in a packed row); backward to activations costs the same again for the
+    linear layers (no weight gradients) and twice for attention. Per supervised token: the output
+    layer, 2·V·h forward and 2·V·h backward. Pad positions and logits nobody needs are not useful work.
     """
-    layers, h, vocab = cfg.n_layer, cfg.hidden_size, cfg.vocab_size
-    body = 12 * layers * h * h
     n = lengths.double()  # real tokens per attention block (row, or packed example)
     real = float(n.sum())
-    attention = float((n * n).sum()) * 4 * layers * h
+    attention = float((n * n).sum()) * 4 * dims["layers"] * dims["attention"]
     supervised = float((labels[:, 1:] != -100).sum())
-    return 4 * body * real + 3 * attention + 4 * vocab * h * supervised
+    return 4 * dims["body"] * real + 3 * attention + 4 * dims["vocab"] * dims["hidden"] * supervised
+
+
+def build_model(spec: dict, tokenizer, variant: Variant):
+    """The model to train and its LoRA config: a random BLOOM of the size's dimensions, or the
+    builtin gemma-3-270m's real weights."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+
+    from kaika.modeling.attention import set_attention
+
+    dtype = getattr(torch, spec["dtype"])
+    if spec["size"] == GEMMA:
+        from kaika.modeling.builtin import builtin_model_path
+
+        attn = "eager" if variant.attention == "eager" and not variant.trl else "sdpa"
+        model = AutoModelForCausalLM.from_pretrained(
+            builtin_model_path(GEMMA), dtype=dtype, attn_implementation=attn
+        )
+        targets = ["q_proj", "v_proj"]  # kaika's table for gemma3
+    else:
+        config = BloomConfig(
+            vocab_size=VOCAB,
+            **SIZES[spec["size"]],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        with torch.device(
+            spec["device"]
+        ):  # initialised where it trains: seconds, not minutes, for 1b1 on GPU
+            model = BloomForCausalLM(config).to(dtype=dtype)
+        if not variant.trl:  # TRL gets the model as transformers builds it
+            set_attention(model, variant.attention)
+        targets = ["query_key_value"]
+    model.to(spec["device"])
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
+    return model, lora
 
 
 def child(spec: dict) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import (
         AutoTokenizer,
-        BloomConfig,
-        BloomForCausalLM,
         DataCollatorForSeq2Seq,
         Trainer,
         TrainerCallback,
@@ -338,7 +476,6 @@ def child(spec: dict) -> None:
     )
 
     from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
-    from kaika.modeling.attention import set_attention
     from kaika.training.loss import FastLoss
     from kaika.training.trainer import KaikaTrainer
 
@@ -349,26 +486,16 @@ def child(spec: dict) -> None:
     tokenizer.padding_side = variant.padding_side
     feats = json.loads((work / "features.json").read_text(encoding="utf-8"))
     set_seed(spec["seed"])
-    config = BloomConfig(
-        vocab_size=VOCAB,
-        **SIZES[spec["size"]],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     dtype = getattr(torch, spec["dtype"])
-    with torch.device(spec["device"]):  # initialised where it trains: seconds, not minutes, for 1b1 on GPU
-        model = BloomForCausalLM(config).to(dtype=dtype)
-    lora = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query_key_value"], task_type="CAUSAL_LM"
-    )
-    set_attention(model, variant.attention)
+    model, lora = build_model(spec, tokenizer, variant)
     if variant.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora)
+    if not variant.trl:
+        model = get_peft_model(model, lora)
+    dims = model_dims(model)
     total_steps = spec["warmup"] + spec["steps"]
-    args = TrainingArguments(
+    common_args = dict(
         output_dir=str(work / "out" / spec["variant"]),
         per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=1,
@@ -381,11 +508,20 @@ def child(spec: dict) -> None:
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,
-        remove_unused_columns=False,
         use_cpu=not cuda,
-        bf16=cuda and dtype == torch.bfloat16,
-        train_sampling_strategy="group_by_length" if variant.group_by_length else "random",
+        # Weights are in the dtype; on CUDA bf16 autocast on top, as kaika does. On CPU kaika runs
+        # bf16 weights without autocast; TRL's bf16 flag (its default) turns CPU autocast on.
+        bf16=dtype == torch.bfloat16 and (cuda or bool(variant.trl)),
+        fp16=False,
     )
+    if variant.trl:
+        args = trl_config(spec, common_args)
+    else:
+        args = TrainingArguments(
+            **common_args,
+            remove_unused_columns=False,
+            train_sampling_strategy="group_by_length" if variant.group_by_length else "random",
+        )
     steps: list[dict] = []
 
     class Clock(TrainerCallback):
@@ -424,7 +560,7 @@ def child(spec: dict) -> None:
                 padded=mask.numel(),
                 real=int(mask.sum()),
                 supervised=int((labels[:, 1:] != -100).sum()),
-                flops=step_flops(config, lengths, labels),
+                flops=step_flops(dims, lengths, labels),
             )
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -448,7 +584,20 @@ def child(spec: dict) -> None:
         processing_class=tokenizer,
         callbacks=[Clock()],
     )
-    if variant.fast_loss:
+    if variant.trl:
+        from datasets import Dataset
+        from trl import SFTTrainer
+
+        texts = json.loads((work / "texts.json").read_text(encoding="utf-8"))
+        trainer = type("Measured", (Counted, SFTTrainer), {})(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(texts),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[Clock()],
+        )
+    elif variant.fast_loss:
         levers = FastLoss(variant.label_positions_only, variant.chunked)
         trainer = type("Measured", (Counted, KaikaTrainer), {})(fast_loss=levers, **common)
         assert trainer.fast_loss is not None
@@ -472,11 +621,26 @@ def child(spec: dict) -> None:
         "useful_flops_per_s": sum(s["flops"] for s in measured) / seconds,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss(),
         "peak_rss_bytes": peak_rss(),
+        "lora_dtypes": sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}),
         "train_loss": result.training_loss,
         "steps": [{k: v for k, v in s.items() if k not in ("start", "cpu_start")} for s in steps],
     }
     (work / f"result-{spec['size']}-{spec['variant']}.json").write_text(json.dumps(row))
     print("RESULT " + json.dumps(row), flush=True)
+
+
+def trl_config(spec: dict, common: dict):
+    from trl import SFTConfig
+
+    settings = dict(TRL_SETTINGS[VARIANTS[spec["variant"]].trl])
+    sampling = settings.pop("train_sampling_strategy", "random")
+    return SFTConfig(
+        **common,
+        max_length=spec["cutoff_len"],
+        dataset_num_proc=None,
+        train_sampling_strategy=sampling,
+        **settings,
+    )
 
 
 if __name__ == "__main__":
