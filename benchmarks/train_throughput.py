@@ -19,6 +19,8 @@ Variants:
   kaika         kaika's defaults: logits at labelled positions only, chunked fused cross-entropy,
                 length-grouped batches, fused (SDPA) attention with ALiBi as an additive bias
   kaika-*       kaika with one lever off
+  trl, trl-best TRL's SFTTrainer (pinned: the bench extra) with its defaults, and with its best
+                settings that apply here (TRL_SETTINGS says which and why)
 
 Tokens: text is tokenized with kaika's builtin byte-level BPE (8,192 ids, trained on Japanese
 prose; ids are valid in BLOOM's 250,880-token vocabulary). Its tokens per character differ from
@@ -66,6 +68,7 @@ class Variant:
     )
     packing: bool = False  # whole examples packed into rows of up to cutoff_len (micro batch counts rows)
     trl: str = ""  # "default" / "best": TRL's SFTTrainer instead (the fields above do not apply)
+    fused_gelu: bool = True  # BLOOM's GELU as one fused kernel (kaika.modeling.attention.fuse_gelu)
 
 
 # TRL's SFTTrainer as a user would run it on this data (prompt-completion records: loss on the
@@ -86,7 +89,7 @@ TRL_SETTINGS = {
 TRL_VERSION = "1.16.0"  # pinned: pip install -e ".[bench]"
 
 VARIANTS = {
-    "baseline": Variant(False, False, False, False, padding_side="left", attention="eager"),
+    "baseline": Variant(False, False, False, False, padding_side="left", attention="eager", fused_gelu=False),
     "kaika": Variant(True, True, True, True),
     "kaika-no-grouping": Variant(True, True, True, False),
     "kaika-no-chunks": Variant(True, True, False, True),
@@ -94,9 +97,10 @@ VARIANTS = {
     "kaika-plain-loss": Variant(False, False, False, True),
     "kaika-eager-attention": Variant(True, True, True, True, attention="eager"),
     "kaika-packing": Variant(True, True, True, True, packing=True),
+    "kaika-bloom-gelu": Variant(True, True, True, True, fused_gelu=False),
     "kaika-checkpointing": Variant(True, True, True, True, gradient_checkpointing=True),
-    "trl": Variant(True, True, True, False, trl="default"),
-    "trl-best": Variant(True, True, True, True, trl="best"),
+    "trl": Variant(True, True, True, False, trl="default", fused_gelu=False),
+    "trl-best": Variant(True, True, True, True, trl="best", fused_gelu=False),
 }
 # What a plain run measures: kaika-checkpointing trades time for memory, and kaika-packing puts more
 # tokens in each micro batch (its memory is not comparable at the same micro batch): opt-in (--variants).
@@ -432,7 +436,7 @@ def build_model(spec: dict, tokenizer, variant: Variant):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
-    from kaika.modeling.attention import set_attention
+    from kaika.modeling.attention import fuse_gelu, set_attention
 
     dtype = getattr(torch, spec["dtype"])
     if spec["size"] == GEMMA:
@@ -457,6 +461,8 @@ def build_model(spec: dict, tokenizer, variant: Variant):
             model = BloomForCausalLM(config).to(dtype=dtype)
         if not variant.trl:  # TRL gets the model as transformers builds it
             set_attention(model, variant.attention)
+        if variant.fused_gelu:
+            fuse_gelu(model)
         targets = ["query_key_value"]
     model.to(spec["device"])
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")

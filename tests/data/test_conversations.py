@@ -175,3 +175,25 @@ def test_convert_command(tmp_path, capsys):
         == 2
     )
     assert "nothing was written" in capsys.readouterr().err and len(alpaca.read_text().splitlines()) == 175
+
+
+def test_a_conversation_the_template_refuses_is_named_before_the_model_loads(tmp_path, ja_tokenizer):
+    from kaika.data.prompts import load_template
+    from kaika.data.tokenize import encode_records
+    from kaika.errors import KaikaError
+
+    jinja = tmp_path / "strict.jinja"
+    jinja.write_text(
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    ok = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    two = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                        {"role": "assistant", "content": "c"}]}  # fmt: skip
+    path = write_jsonl(tmp_path / "d.jsonl", [ok, two])
+    records = load_records([str(path)])  # valid as data: kaika's templates join the two user turns
+    with pytest.raises(
+        KaikaError, match=r"d.jsonl, line 2: the chat template strict cannot render .*alternate"
+    ):
+        encode_records(records, load_template(jinja), ja_tokenizer, 64)

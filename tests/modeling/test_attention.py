@@ -155,3 +155,40 @@ def test_load_model_sets_the_attention_and_rejects_unknown_names(tmp_path):
         assert_close(sdpa(ids).logits, eager(ids).logits, 1e-5)
     with pytest.raises(KaikaError, match="attention: 'flash' is not one of sdpa, eager"):
         load_model(ModelArgs(base_model=str(tmp_path), attention="flash"))
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-7), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_fused_gelu_is_bloom_s_gelu_forward_and_backward(dtype, rel):
+    """BLOOM's own GELU (transformers' GeLUFunction: its formula forward, its derivative backward)
+    against the fused kernel kaika puts in its place, on the same inputs and upstream gradients."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    from kaika.modeling.attention import FusedGelu
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 256, dtype=torch.float64) * 3).to(dtype)
+    g = torch.randn_like(x)
+    outs = []
+    for gelu in (BloomGelu(), FusedGelu()):
+        xi = x.clone().requires_grad_()
+        y = gelu(xi)
+        y.backward(g)
+        outs.append((y.detach().double(), xi.grad.double()))
+    (y_ref, dx_ref), (y, dx) = outs
+    assert_close(y, y_ref, rel)
+    assert_close(dx, dx_ref, rel)
+
+
+def test_load_model_fuses_bloom_s_gelu_and_the_logits_stay(tmp_path):
+    from kaika.modeling.attention import FusedGelu
+
+    torch.manual_seed(0)
+    plain = BloomForCausalLM(
+        BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.3)
+    )
+    plain.save_pretrained(tmp_path)
+    model = load_model(ModelArgs(base_model=str(tmp_path), attention="eager", dtype="float32"))
+    assert all(isinstance(block.mlp.gelu_impl, FusedGelu) for block in model.transformer.h)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert_close(model(ids).logits, plain.eval()(ids).logits, 1e-6)

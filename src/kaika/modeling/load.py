@@ -19,7 +19,7 @@ import torch
 
 from kaika.config import ModelArgs
 from kaika.errors import KaikaError, require_extra
-from kaika.modeling.attention import set_attention
+from kaika.modeling.attention import fuse_gelu, set_attention
 from kaika.modeling.builtin import builtin_model_path, builtin_names
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
         raise missing_gguf(e) from None
     drop_gguf_quantizer(model)
     set_attention(model, args.attention)  # BLOOM only; others keep transformers' choice
+    fuse_gelu(model)  # BLOOM only: one kernel for its tanh-approximated GELU
     model.eval()
     return model
 
