@@ -120,6 +120,13 @@ def load_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, st
     return split_records(records, cfg.data.val_set_size, cfg.train.seed)
 
 
+TRAIN_ON_WORDS = {
+    "assistant": "every answer (assistant turns, Alpaca outputs) and its end of turn",
+    "last": "the last answer of each conversation",
+    "all": "all tokens",
+}
+
+
 def choose_template(cfg: TrainConfig, tokenizer, records: list[dict]) -> Template:
     conversations = sum("messages" in r for r in records)
     template = resolve_template(cfg.data.template, tokenizer, conversations > 0)
@@ -129,7 +136,7 @@ def choose_template(cfg: TrainConfig, tokenizer, records: list[dict]) -> Templat
         "the base model's chat template" if template.kind == "chat" else "kaika's template",
         conversations,
         len(records) - conversations,
-        "all tokens" if cfg.data.train_on_inputs else cfg.data.train_on,
+        TRAIN_ON_WORDS["all" if cfg.data.train_on_inputs else cfg.data.train_on],
     )
     return template
 
