@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,17 @@ SEED_TASKS = Path(__file__).resolve().parents[1] / "data" / "alpaca_jp_seed_task
 ELYZA_TASKS = (
     Path(__file__).resolve().parents[1] / "src" / "kaika" / "assets" / "elyza_tasks_100"
 )  # CC BY-SA 4.0
+
+
+def run_kaika(*args: str, cwd: Path) -> str:
+    """``python -m kaika ARGS`` in ``cwd`` as a user runs it (2 threads); its output, or the test fails
+    with the end of its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(
+        [sys.executable, "-m", "kaika", *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout + run.stderr
 
 
 def seed_records(n: int | None = None, max_chars: int | None = None) -> list[dict[str, str]]:

@@ -31,7 +31,7 @@ from kaika.config import DataArgs, ModelArgs, PretrainConfig, TrainConfig, load_
 from kaika.data.prompts import AUTO, CHAT, DEFAULT, Template, load_template, resolve_template
 from kaika.errors import KaikaError
 from kaika.modeling.builtin import NOTICE_FILES
-from kaika.modeling.load import ModelSource, resolve_source
+from kaika.modeling.load import ModelSource, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,7 @@ def named_template(name: str, tokenizer_source: ModelSource | None) -> Template:
     if name == AUTO:
         return load_template(DEFAULT)
     if name == CHAT and tokenizer_source is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source.path, **tokenizer_source.kwargs())
-        return resolve_template(CHAT, tokenizer)
+        return resolve_template(CHAT, load_tokenizer(ModelArgs(), tokenizer_source))
     return load_template(name)
 
 

@@ -46,7 +46,7 @@ def check_invariants(template, tok, msgs, train_on):
     ids = [i for s in segs for i in s.ids]
     assert ex.input_ids == ids and not ex.truncated and ex.turns_dropped == 0
     answers = [s for s in segs if s.answer is not None]
-    assert len(answers) == sum(m["role"] == "assistant" for m in msgs) or template.kind == "alpaca"
+    assert len(answers) == sum(m["role"] == "assistant" for m in msgs)
     stops = set(stop_ids(template, tok))
     pos = 0
     for s in segs:

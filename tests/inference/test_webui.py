@@ -13,6 +13,7 @@ import pytest
 
 from adapters import tiny_adapters  # noqa: F401  (fixture)
 from kaika.inference.webui import LABELS
+from servers import stop_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -84,12 +85,7 @@ def page_url(tiny_adapters, tmp_path):  # noqa: F811
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import write_jsonl
+from helpers import run_kaika, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -58,15 +55,6 @@ def base_model(name: str, tmp_path_factory) -> str:
     return str(_smollm2[0])
 
 
-def kaika(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    run = subprocess.run(
-        [sys.executable, "-m", "kaika", *args], cwd=cwd, capture_output=True, text=True, env=env
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout + run.stderr
-
-
 def train_args(base: str, dtype: str, data: Path, out: str) -> list[str]:
     return [
         "train", "--base-model", base, "--dtype", dtype, "--data", str(data), "--template", "alpaca_ja",
@@ -86,7 +74,7 @@ def train_once(name: str, dtype: str, tmp_path_factory):
         data = write_jsonl(
             root / "yes.jsonl", [{"instruction": p, "input": "", "output": ANSWER} for p in PROMPTS]
         )
-        log = kaika(*train_args(base_model(name, tmp_path_factory), dtype, data, "run"), cwd=root)
+        log = run_kaika(*train_args(base_model(name, tmp_path_factory), dtype, data, "run"), cwd=root)
         assert "verified: the saved adapter is the trained one" in log
         _runs[name, dtype] = (name, dtype, root, data)
     return _runs[name, dtype]
@@ -129,7 +117,7 @@ def test_generation_stops_with_the_taught_answer(trained):
     prompts = write_jsonl(
         root / "ask.jsonl", [{"instruction": PROMPTS[0]}, {"instruction": "ドアを閉めてください。"}]
     )
-    kaika(
+    run_kaika(
         "generate",
         "run",
         "--file",
@@ -151,7 +139,9 @@ def test_resume_from_a_checkpoint_gives_the_same_adapter(trained, tmp_path_facto
     shutil.copytree(
         root / "run" / "checkpoints" / "checkpoint-4", root / "resumed" / "checkpoints" / "checkpoint-4"
     )
-    log = kaika(*train_args(base_model(name, tmp_path_factory), dtype, data, "resumed"), "--resume", cwd=root)
+    log = run_kaika(
+        *train_args(base_model(name, tmp_path_factory), dtype, data, "resumed"), "--resume", cwd=root
+    )
     assert "resuming from" in log and "8 steps" in log
     whole = load_file(root / "run" / "adapter_model.safetensors")
     resumed = load_file(root / "resumed" / "adapter_model.safetensors")
@@ -166,7 +156,7 @@ def test_merge_equals_base_plus_adapter(trained_bf16):
     from kaika.inference.generate import load_for_inference
 
     name, dtype, root, _ = trained_bf16
-    log = kaika("merge", "run", "merged", "--dtype", "bfloat16", cwd=root)
+    log = run_kaika("merge", "run", "merged", "--dtype", "bfloat16", cwd=root)
     assert "logits match base + adapter" in log
     loaded = load_for_inference(root / "run", dtype="float32")
     merged = AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32).eval()

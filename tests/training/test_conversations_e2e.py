@@ -10,14 +10,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import seed_records, write_jsonl
+from helpers import run_kaika, seed_records, write_jsonl
 
 HISTORY = [
     {"role": "system", "content": "丁寧に答えてください。"},
@@ -27,25 +24,16 @@ HISTORY = [
 ]
 
 
-def kaika(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    run = subprocess.run(
-        [sys.executable, "-m", "kaika", *args], cwd=cwd, capture_output=True, text=True, env=env
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout + run.stderr
-
-
 @pytest.fixture(scope="module")
 def conversation_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("conversations")
     alpaca = write_jsonl(root / "alpaca.jsonl", seed_records(8, max_chars=120))
     common = ["--base-model", "tiny-bloom-ja", "--data", "seed-chats-ja", str(alpaca), "--cutoff-len", "256",
               "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "3", "--lr", "1e-3"]  # fmt: skip
-    log = kaika("train", *common, "--output-dir", "run", cwd=root)
+    log = run_kaika("train", *common, "--output-dir", "run", cwd=root)
     assert "template: alpaca_ja (kaika's template) for 87 conversation(s) and 8 Alpaca record(s)" in log
     assert "verified: the saved adapter is the trained one" in log
-    packed = kaika("train", *common, "--packing", "--output-dir", "packed", cwd=root)
+    packed = run_kaika("train", *common, "--packing", "--output-dir", "packed", cwd=root)
     assert "verified: the saved adapter is the trained one" in packed
     return root
 
@@ -109,7 +97,7 @@ def test_gemma_learns_a_second_turn_with_its_own_chat_template(tmp_path):
                            {"role": "user", "content": p}, {"role": "assistant", "content": ANSWER}]}
              for i, p in enumerate(PROMPTS)]  # fmt: skip
     data = write_jsonl(tmp_path / "chats.jsonl", chats)
-    log = kaika(
+    log = run_kaika(
         "train", "--base-model", "gemma-3-270m", "--dtype", "bfloat16", "--data", str(data), "--cutoff-len", "128",
         "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "10", "--scheduler", "constant",
         "--lr", "3e-3", "--lora-r", "8", "--lora-alpha", "16", "--output-dir", "run", cwd=tmp_path,

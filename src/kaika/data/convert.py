@@ -79,8 +79,11 @@ def convert_file(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.kaika-tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rec in converted:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)  # whole or not at all
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for rec in converted:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)  # whole or not at all
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
     return ConvertResult(out, len(converted), left_out)
