@@ -43,12 +43,14 @@ Packing = Literal["document", "stream"]
 TrainOn = Literal["assistant", "last", "all"]
 Truncation = Literal["turns", "drop"]
 SaveDtype = Literal["auto", "float32", "float16", "bfloat16"]
+PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo"]
 
 
-def option(default: Any, help: str, **bounds: float) -> Any:
+def option(default: Any, help: str, flag: str | None = None, **bounds: float) -> Any:
     """A config field: its default, its one-line help, and optional bounds checked when the config
-    is built: ``ge``/``gt`` (at least / more than), ``le``/``lt`` (at most / less than), ``ne`` (not)."""
-    meta = {"help": help, **bounds}
+    is built: ``ge``/``gt`` (at least / more than), ``le``/``lt`` (at most / less than), ``ne`` (not).
+    ``flag`` names its command-line option when the field's name cannot (``--from``)."""
+    meta = {"help": help, **bounds, **({"flag": flag} if flag else {})}
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -319,6 +321,98 @@ class PretrainConfig(Checked):
     train: TrainArgs = field(default_factory=TrainArgs)
 
 
+@dataclass
+class PreferenceDataArgs(Checked):
+    """Preference pairs, prompt template and tokenization."""
+
+    data: list[str] = option(
+        [],
+        "Preference pairs: JSON/JSONL files, dataset dirs, hub names or a builtin (seed-prefs-ja), with "
+        "prompt (or instruction/input, or messages ending with a user turn), chosen and rejected.",
+    )
+    val_data: list[str] = option(
+        [], "Separate validation pairs (same forms as data); overrides val_set_size."
+    )
+    val_set_size: float = option(
+        0.0, "Validation pairs taken from data: a count (>= 1) or a fraction (< 1); 0 for none.", ge=0
+    )
+    columns: dict[str, str] = option(
+        {}, "Column mapping for data whose keys differ, e.g. chosen=better rejected=worse prompt=question."
+    )
+    template: str = option(
+        "auto",
+        "Prompt template: auto (with --from, the SFT run's; else the base model's chat template for "
+        "conversation prompts when it has one, else alpaca_ja), chat, a builtin, a JSON or .jinja file.",
+    )
+    cutoff_len: int = option(
+        512, "Maximum tokens of prompt + answer; longer answers are cut (end of turn kept).", ge=2
+    )
+
+
+@dataclass
+class DpoArgs(Checked):
+    """Preference tuning: where it starts, its loss."""
+
+    from_run: str | None = option(
+        None,
+        "An SFT run (kaika train's output) to continue: its adapter trains on, and a frozen copy of it is "
+        "the reference (one base in memory). Without it a fresh adapter trains on the base, the base "
+        "(adapter off) as reference. The run's base model, dtype and template are used.",
+        flag="--from",
+    )
+    loss: PreferenceLoss = option(
+        "dpo",
+        "dpo (sigmoid DPO), ipo (IPO), orpo (odds ratio + NLL, no reference) or simpo (length-normalised, "
+        "no reference); TRL's implementations.",
+    )
+    beta: float | None = option(
+        None,
+        "dpo/ipo: how far from the reference (higher: closer; IPO's tau); orpo: the odds-ratio weight "
+        "(lambda); simpo: the reward scale. Default: 0.1, and 2.0 for simpo.",
+        gt=0,
+    )
+    simpo_gamma: float = option(0.5, "simpo: the target reward margin (gamma).", ge=0)
+    precompute_ref: bool = option(
+        False,
+        "dpo/ipo: compute the reference log-probabilities of every pair once before training, instead "
+        "of a reference forward pass per step (less memory and time per step; the reference is frozen).",
+    )
+
+
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+def dpo_train_args() -> TrainArgs:
+    """Preference tuning's defaults: a smaller learning rate, batch and epoch count than SFT's."""
+    return TrainArgs(
+        output_dir="runs/kaika-dpo", epochs=1.0, lr=5e-5, batch_size=16, micro_batch_size=2, eval_steps=50
+    )
+
+
+@dataclass
+class DpoConfig(Checked):
+    """Everything ``kaika dpo`` needs; saved as ``kaika_dpo.yaml`` next to the adapter."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=dpo_train_args)
+    dpo: DpoArgs = field(default_factory=DpoArgs)
+
+    @property
+    def beta(self) -> float:
+        return self.dpo.beta if self.dpo.beta is not None else DEFAULT_BETA[self.dpo.loss]
+
+
+def section_defaults(cls: type) -> dict[str, Any]:
+    """Each section's default object (a config may default a section differently from its class)."""
+    return {
+        f.name: f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+        if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+    }
+
+
 # --------------------------------------------------------------------------- dict <-> dataclass
 
 
@@ -381,11 +475,15 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     if unknown:
         raise KaikaError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = section_defaults(cls)
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value or {}, f"{where}.{name}")
+            if not isinstance(value or {}, dict):
+                raise KaikaError(f"{where}.{name}: expected a mapping, got {type(value).__name__}")
+            base = dataclasses.asdict(defaults[name]) if name in defaults else {}
+            kwargs[name] = from_dict(tp, {**base, **(value or {})}, f"{where}.{name}")
         else:
             kwargs[name] = coerce(value, tp, f"{where}.{name}")
             _check_value(kwargs[name], fields[name], tp, f"{where}.{name}")  # named after its source

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from kaika.atomic import ADAPTER_CONFIG, adapter_problem, read_marker
-from kaika.config import DataArgs, ModelArgs, PretrainConfig, TrainConfig, load_config, save_yaml
+from kaika.config import DataArgs, DpoConfig, ModelArgs, PretrainConfig, TrainConfig, load_config, save_yaml
 from kaika.data.prompts import AUTO, CHAT, DEFAULT, Template, load_template, resolve_template
 from kaika.errors import KaikaError
 from kaika.modeling.builtin import NOTICE_FILES
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "kaika_config.yaml"  # kaika train: the resolved TrainConfig
 PRETRAIN_CONFIG_FILE = "kaika_pretrain.yaml"  # kaika pretrain: the resolved PretrainConfig
+DPO_CONFIG_FILE = "kaika_dpo.yaml"  # kaika dpo: the resolved DpoConfig
 MERGED_CONFIG_FILE = "kaika_training_config.yaml"  # a merged model: the config of the run it came from
 TEMPLATE_FILE = "template.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -46,13 +47,15 @@ LOG_FILE = "trainer_log.jsonl"
 CURVE_FILE = "loss_curve.png"
 CHECKPOINTS = "checkpoints"
 # Files that mark a directory as a kaika run, so --overwrite never empties an unrelated folder.
-RUN_MARKERS = (CONFIG_FILE, PRETRAIN_CONFIG_FILE, ADAPTER_CONFIG, CHECKPOINTS, LOG_FILE)
+RUN_MARKERS = (CONFIG_FILE, PRETRAIN_CONFIG_FILE, DPO_CONFIG_FILE, ADAPTER_CONFIG, CHECKPOINTS, LOG_FILE)
 # Saved configs, in the order they are looked for, and the class each holds.
 CONFIG_FILES: tuple[tuple[str, type], ...] = (
     (CONFIG_FILE, TrainConfig),
     (PRETRAIN_CONFIG_FILE, PretrainConfig),
+    (DPO_CONFIG_FILE, DpoConfig),
     (MERGED_CONFIG_FILE, TrainConfig),
 )
+Config = TrainConfig | PretrainConfig | DpoConfig
 DEFAULT_TEMPLATE = DEFAULT  # what a run with no saved template is prompted with
 
 Kind = Literal["run", "adapter", "model"]
@@ -67,7 +70,7 @@ class RunDir:
     model_args: ModelArgs  # how to load the base (for a model: the model itself)
     tokenizer_source: ModelSource
     template: Template
-    config: TrainConfig | PretrainConfig | None  # as saved by the training run, if any
+    config: Config | None  # as saved by the training run, if any
 
     @property
     def path(self) -> Path:
@@ -80,6 +83,8 @@ class RunDir:
     @property
     def data_args(self) -> DataArgs:
         """How the run encoded its examples (template, cutoff_len, masking); defaults if unknown."""
+        if isinstance(self.config, DpoConfig):  # answers are encoded as kaika train encodes them
+            return DataArgs(template=self.config.data.template, cutoff_len=self.config.data.cutoff_len)
         return self.config.data if isinstance(self.config, TrainConfig) else DataArgs()
 
     @property
@@ -140,7 +145,7 @@ def is_unfinished_run(path: Path) -> bool:
     return path.is_dir() and is_run(path) and not (path / "config.json").is_file()
 
 
-def saved_config(path: Path) -> TrainConfig | PretrainConfig | None:
+def saved_config(path: Path) -> Config | None:
     """The training config saved in ``path`` (a run, a pretraining output or a merged model), if any."""
     for file, config_cls in CONFIG_FILES:
         if (path / file).is_file():
@@ -172,7 +177,7 @@ def run_template(
         return named_template(str(explicit), tokenizer_source)
     if (path / TEMPLATE_FILE).is_file():
         return load_template(path / TEMPLATE_FILE)
-    if isinstance(config, TrainConfig):
+    if isinstance(config, TrainConfig | DpoConfig):
         return named_template(config.data.template, tokenizer_source)
     log.warning(
         "%s holds no prompt template: prompting with kaika's default %s (choose another with --template)",
@@ -204,8 +209,16 @@ def check_adapter_dir(adapter_dir: Path) -> None:
         raise KaikaError(
             f"{adapter_dir} is not a complete adapter: {problem}. Was training interrupted before "
             f"saving? Its checkpoints/ can be resumed with the same kaika "
-            f"{'pretrain' if (adapter_dir / PRETRAIN_CONFIG_FILE).is_file() else 'train'} command and --resume"
+            f"{command_of(adapter_dir)} command and --resume"
         )
+
+
+def command_of(run_dir: Path) -> str:
+    """The kaika command that writes a run like ``run_dir``."""
+    for file, command in ((PRETRAIN_CONFIG_FILE, "pretrain"), (DPO_CONFIG_FILE, "dpo")):
+        if (run_dir / file).is_file():
+            return command
+    return "train"
 
 
 # --------------------------------------------------------------------------- writing a run
@@ -219,9 +232,11 @@ def portable(cfg):
     return replace(cfg, model=replace(cfg.model, base_model=str(path.resolve())))
 
 
-def save_config(cfg: TrainConfig | PretrainConfig, out: Path, file: str | None = None) -> None:
+def save_config(cfg: Config, out: Path, file: str | None = None) -> None:
     """The resolved config, under the file name readers look for (``file`` to choose another)."""
-    default = CONFIG_FILE if isinstance(cfg, TrainConfig) else PRETRAIN_CONFIG_FILE
+    default = {TrainConfig: CONFIG_FILE, PretrainConfig: PRETRAIN_CONFIG_FILE, DpoConfig: DPO_CONFIG_FILE}[
+        type(cfg)
+    ]
     save_yaml(portable(cfg), out / (file or default))
 
 

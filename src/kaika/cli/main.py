@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         train.add_sweep,
         train.run_sweep,
     ),
+    "dpo": (
+        "Preference tuning (DPO, IPO, ORPO, SimPO) of an SFT run's adapter or a fresh one.",
+        train.add_dpo,
+        train.run_dpo,
+    ),
     "pretrain": (
         "Continue pretraining (LoRA or --full) or train from scratch on raw text, packed.",
         train.add_pretrain,

@@ -14,25 +14,31 @@ import dataclasses
 import typing
 from typing import Any
 
-from kaika.config import Dtype, GenerateArgs, choices, from_dict
+from kaika.config import Dtype, GenerateArgs, choices, from_dict, section_defaults
 
 FLAG_PREFIX = {"lora": "lora-"}
 
 ADAPTER_HELP = "Output directory of kaika train (or any PEFT adapter directory)"
 
 
-def _flags(section: str | None, name: str) -> list[str]:
-    short = "--" + (FLAG_PREFIX.get(section or "", "") + name).replace("_", "-")
-    return [short] if section is None else [short, f"--{section}.{name}"]
+def _flags(section: str | None, f: dataclasses.Field) -> list[str]:
+    short = f.metadata.get("flag") or "--" + (FLAG_PREFIX.get(section or "", "") + f.name).replace("_", "-")
+    return [short] if section is None else [short, f"--{section}.{f.name}"]
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, section: str | None = None) -> None:
-    """Add one option per field of ``cls``; unset options stay absent from the namespace."""
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, section: str | None = None, defaults: Any = None
+) -> None:
+    """Add one option per field of ``cls``; unset options stay absent from the namespace.
+    ``defaults``: the section's default object, when it is not ``cls()`` (shown in the help)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(section or cls.__name__, (cls.__doc__ or "").strip())
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
         dest = f"{section}.{f.name}" if section else f.name
         kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_}
@@ -45,13 +51,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, section: str 
             kw["choices"] = choices(tp)
         else:
             kw["metavar"] = f.name.upper()
-        group.add_argument(*_flags(section, f.name), **kw)
+        group.add_argument(*_flags(section, f), **kw)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add the options of every section (a dataclass-typed field) of ``cls``."""
+    defaults = section_defaults(cls)
     for f in dataclasses.fields(cls):
-        add_dataclass_args(parser, typing.get_type_hints(cls)[f.name], f.name)
+        add_dataclass_args(parser, typing.get_type_hints(cls)[f.name], f.name, defaults.get(f.name))
 
 
 def namespace_overrides(ns: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import math
 import sys
 
 from kaika.cli.options import add_config_args, namespace_overrides
-from kaika.config import PretrainConfig, TrainConfig, resolve_config
+from kaika.config import DpoConfig, PretrainConfig, TrainConfig, resolve_config
 from kaika.errors import KaikaError
 
 
@@ -32,6 +32,35 @@ def run_train(ns: argparse.Namespace) -> None:
         f"adapter saved to {result.output_dir} — {result.global_step} steps{loss_part}{eval_part}, "
         f"{result.train_seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s"
     )
+
+
+def add_dpo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c", "--config", help="YAML config (sections model, data, lora, train, dpo); options override it"
+    )
+    p.epilog = (
+        "Typical: kaika train … --output-dir runs/sft, then kaika dpo --from runs/sft --data pairs.jsonl "
+        "--output-dir runs/dpo, then kaika eval compare runs/sft runs/dpo. Without --from a fresh adapter "
+        "trains on --base-model. Options of the lora section apply to a fresh adapter only."
+    )
+    add_config_args(p, DpoConfig)
+
+
+def run_dpo(ns: argparse.Namespace) -> None:
+    from kaika.training.preference import dpo
+    from kaika.training.trainer import is_main_process
+
+    result = dpo(resolve_config(DpoConfig, ns.config, namespace_overrides(ns)))
+    if not is_main_process():
+        return
+    parts = [f"{result.global_step} steps"]
+    if math.isfinite(result.train_loss):
+        parts.append(f"train loss {result.train_loss:.4f}")
+    if result.reward_accuracy is not None:
+        parts.append(f"reward accuracy {result.reward_accuracy:.3f}, margin {result.reward_margin:.3f}")
+    if result.eval_loss is not None:
+        parts.append(f"eval loss {result.eval_loss:.4f}")
+    print(f"adapter saved to {result.output_dir} — {', '.join(parts)}, {result.train_seconds:.0f} s")
 
 
 def add_pretrain(p: argparse.ArgumentParser) -> None:

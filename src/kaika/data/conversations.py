@@ -61,9 +61,18 @@ def _content(value: Any) -> str | None:
 
 
 def normalise_conversation(
-    rec: dict, key: str, columns: dict[str, str], source: str, where: str, problems: list[Problem]
+    rec: dict,
+    key: str,
+    columns: dict[str, str],
+    source: str,
+    where: str,
+    problems: list[Problem],
+    ends_with: str = "assistant",
 ) -> dict | None:
-    """``rec[key]`` as ``{"messages": […], "where": …}``, or None after adding its problems."""
+    """``rec[key]`` as ``{"messages": […], "where": …}``, or None after adding its problems.
+
+    ``ends_with``: whose turn is last, the assistant's (training data: the answer to train on) or
+    the user's (a prompt, as in preference pairs)."""
     turns = rec[key]
     if not isinstance(turns, list):
         problems.append(Problem(source, where, key, f"expected a list of turns, got {type(turns).__name__}"))
@@ -102,7 +111,7 @@ def normalise_conversation(
         messages.append({"role": ROLES[role], "content": content})
     if len(problems) > before:
         return None
-    problem = order_problem(messages)
+    problem = order_problem(messages, ends_with)
     if problem:
         turn, message = problem
         problems.append(
@@ -112,7 +121,9 @@ def normalise_conversation(
     return {"messages": messages, "where": f"{source}, {where}"}
 
 
-def order_problem(messages: list[dict[str, str]]) -> tuple[int | None, str] | None:
+def order_problem(
+    messages: list[dict[str, str]], ends_with: str = "assistant"
+) -> tuple[int | None, str] | None:
     """What is wrong with the order of the turns for training, if anything: (turn, message)."""
     roles = [m["role"] for m in messages]
     first = next((i for i, r in enumerate(roles) if r != "system"), None)
@@ -123,7 +134,9 @@ def order_problem(messages: list[dict[str, str]]) -> tuple[int | None, str] | No
         return late, "a system turn must come before the first user turn"
     if roles[first] != "user":
         return first, "the first turn after the system prompt must be the user's"
-    if roles[-1] != "assistant":
+    if ends_with == "user" and roles[-1] != "user":
+        return len(roles) - 1, "the prompt must end with a user turn (chosen and rejected answer it)"
+    if ends_with == "assistant" and roles[-1] != "assistant":
         return len(roles) - 1, "the conversation must end with an assistant turn (the answer to train on)"
     return None
 

@@ -254,3 +254,23 @@ def record_prompt_ids(template: Template, tokenizer, record: dict[str, str]) -> 
         tokenizer,
         to_messages({"instruction": record["instruction"], "input": record.get("input") or ""}),
     )
+
+
+def answer_ids(
+    template: Template, tokenizer, prompt: dict[str, str] | list[dict], answer: str
+) -> tuple[list[int], list[int], Segment]:
+    """``(prompt ids, answer ids, answer segment)`` of one answer to ``prompt`` (an Alpaca record
+    ``{instruction, input}`` or turns ending with the user's), encoded as training encodes the
+    answer of a record: the prompt ids are those generation uses (:func:`record_prompt_ids`,
+    :func:`prompt_ids`), the answer ids end with the end-of-turn ids."""
+    if isinstance(template, PromptTemplate) and isinstance(prompt, dict):  # Alpaca, kaika's template
+        ids = encode_text(tokenizer, answer) + [tokenizer.eos_token_id]
+        return record_prompt_ids(template, tokenizer, prompt), ids, Segment(answer, ids, 0)
+    if isinstance(prompt, dict):
+        from kaika.data.conversations import to_messages
+
+        prompt = to_messages(prompt)
+    segs = segments(template, tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    last = max(i for i, s in enumerate(segs) if s.answer is not None)
+    # Text a chat template puts after the last answer (a newline) is neither prompt nor answer.
+    return [i for s in segs[:last] for i in s.ids], segs[last].ids, segs[last]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kaika.config import ModelArgs, TrainConfig
+from kaika.config import DpoConfig, ModelArgs, TrainConfig
 from kaika.data.messages import jinja_chat_template
 from kaika.data.prompts import ChatTemplate, PromptTemplate, Template
 from kaika.data.segments import record_prompt_ids, stop_ids
@@ -135,6 +135,10 @@ def run_config(run: RunDir) -> TrainConfig:
     or, for an adapter trained elsewhere, one that holds what is known (its base, its template)."""
     if isinstance(run.config, TrainConfig):
         return replace(run.config, model=run.model_args)
+    if isinstance(run.config, DpoConfig):  # preference tuning: its pairs, LoRA and training
+        d = run.config
+        data = replace(run.data_args, data=list(d.data.data), template=run.template.name)
+        return TrainConfig(model=run.model_args, data=data, lora=d.lora, train=d.train)
     if run.config is not None:  # a kaika pretrain LoRA run: its LoRA, training and text
         p = run.config
         data = replace(TrainConfig().data, data=list(p.pretrain.data), template=run.template.name)

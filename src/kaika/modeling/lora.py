@@ -99,6 +99,17 @@ def peft_config(args: LoraArgs, model_type: str, module_names: set[str] | None =
     )
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant), with input grads for frozen embeddings."""
+    # transformers >= 5.2x names it activation checkpointing; older 5.x only has the old name.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+
+
 def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
     """Wrap ``model`` in a trainable peft LoRA; report the trainable-parameter count."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -106,13 +117,7 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        # transformers >= 5.2x names it activation checkpointing; older 5.x only has the old name.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+        enable_gradient_checkpointing(model)
     names = adaptable_names(model)
     config = peft_config(args, model.config.model_type, names)
     check_targets(

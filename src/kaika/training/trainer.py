@@ -154,11 +154,14 @@ class Fitted:
         return next((h["eval_loss"] for h in reversed(self.history) if "eval_loss" in h), None)
 
 
-def training_arguments(t: TrainArgs, out: Path, dtype: torch.dtype, evaluate: bool, processes: int):
+def training_arguments(
+    t: TrainArgs, out: Path, dtype: torch.dtype, evaluate: bool, processes: int, cls=None, **extra
+):
+    """``TrainingArguments`` (or its subclass ``cls``, e.g. TRL's ``DPOConfig`` with ``extra``) from ``t``."""
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
@@ -187,11 +190,10 @@ def training_arguments(t: TrainArgs, out: Path, dtype: torch.dtype, evaluate: bo
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         ddp_find_unused_parameters=False if processes > 1 else None,
     )
+    return (cls or TrainingArguments)(**{**kwargs, **extra})
 
 
-def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
-    """Train ``model`` on ``train_set`` (batched by ``collator``), checkpoints and log in ``t.output_dir``."""
-    out = Path(t.output_dir)
+def log_batch(t: TrainArgs) -> None:
     processes = world_size()
     log.info(
         "global batch %d = micro batch %d × accumulation %d × %d process(es)",
@@ -200,6 +202,13 @@ def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
         gradient_accumulation(t, processes),
         processes,
     )
+
+
+def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
+    """Train ``model`` on ``train_set`` (batched by ``collator``), checkpoints and log in ``t.output_dir``."""
+    out = Path(t.output_dir)
+    processes = world_size()
+    log_batch(t)
     dtype = next(p.dtype for p in model.parameters())
     trainer = KaikaTrainer(
         model=model,
@@ -211,6 +220,13 @@ def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(out / LOG_FILE)],
     )
+    return run_fit(trainer, t, bool(val_set))
+
+
+def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
+    """Run a built trainer (kaika's, or TRL's preference trainers) under kaika's progress bar, JSON
+    log, planned-steps stop and fault guard; evaluate the last step when it was not."""
+    out = Path(t.output_dir)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback())
     planned = StopAtPlannedSteps()
@@ -225,7 +241,7 @@ def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
                     cb.training_bar.close()
             log.info("%s; saving it", done)
     seconds = time.perf_counter() - start
-    if val_set and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
+    if evaluate and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
         trainer.evaluate()
     return Fitted(trainer, seconds, planned.start_tokens)
 
@@ -273,8 +289,21 @@ class LossProgressCallback(ProgressCallback):
             bar.write(f"step {state.global_step}: eval loss {float(logs['eval_loss']):.4f}")
 
 
+# What preference trainers (TRL's) log, under kaika's names in trainer_log.jsonl.
+PREFERENCE_LOGS = {
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+    "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+}
+
+
 class JsonlLogCallback(TrainerCallback):
-    """One JSON line per log event: step, loss, eval_loss, lr, tokens/s (non-pad tokens)."""
+    """One JSON line per log event: step, loss, eval_loss, lr, tokens/s (non-pad tokens); for
+    preference tuning also the reward margin and accuracy and the answers' log-probabilities
+    (``eval_`` prefixed for the validation pairs)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -296,7 +325,11 @@ class JsonlLogCallback(TrainerCallback):
         ):
             if key in logs:
                 row[name] = float(logs[key])
-        if "loss" in logs and self._last is not None:
+        for key, name in PREFERENCE_LOGS.items():
+            for prefix in ("", "eval_"):
+                if prefix + key in logs:
+                    row[prefix + name] = float(logs[prefix + key])
+        if "loss" in logs and self._last is not None and state.num_input_tokens_seen:  # 0: not counted
             now, seen = time.perf_counter(), state.num_input_tokens_seen
             row["tokens_per_s"] = round((seen - self._last[1]) / max(now - self._last[0], 1e-9), 2)
             self._last = (now, seen)
@@ -314,15 +347,22 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    margin = [(h["step"], h["rewards/margins"]) for h in history if "rewards/margins" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for points, label, style in ((train, "train loss", "-"), (val, "eval loss", "o--")):
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (supervised tokens)")
+    ax.set_ylabel("loss" if margin else "loss (supervised tokens)")
     ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if margin:  # preference tuning: the reward margin (chosen minus rejected) on its own scale
+        right = ax.twinx()
+        (line,) = right.plot(*zip(*margin, strict=True), "g:", label="reward margin")
+        right.set_ylabel("reward margin")
+        handles, labels = handles + [line], labels + ["reward margin"]
+    if handles:
+        ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -416,13 +456,46 @@ class EpochLengthGroupedSampler(Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
+class EpochShuffleSampler(Sampler):
+    """A uniform shuffle whose order depends only on (seed, epoch), for trainers that are not
+    kaika's (TRL's preference trainers): a resumed or multi-process run sees the order of an
+    uninterrupted single-process one (transformers' own shuffle draws from the global RNG)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class SeededOrder:
+    """Mixin for a ``Trainer`` subclass: its training order is :class:`EpochShuffleSampler`'s."""
+
+    _epoch_sampler = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self._epoch_sampler = EpochShuffleSampler(len(dataset), seed)
+        if not any(isinstance(cb, _SamplerEpoch) for cb in self.callback_handler.callbacks):
+            self.add_callback(_SamplerEpoch(self))
+        return self._epoch_sampler
+
+
 class _SamplerEpoch(TrainerCallback):
     """Tells the sampler which epoch starts. accelerate forwards ``set_epoch`` only through some of
     its data loader wrappers (not through a skip-batches wrapper around a sharded one), so the
     Trainer's own epoch counter is the source: a resumed run's state.epoch is mid-epoch (2.5 →
     epoch 2), a fresh epoch starts at the previous one's exact end (2.0)."""
 
-    def __init__(self, trainer: KaikaTrainer):
+    def __init__(self, trainer):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):

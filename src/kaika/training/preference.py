@@ -1,0 +1,352 @@
+"""``kaika dpo``: preference pairs → tokens → base + LoRA (fresh, or an SFT run's) → TRL's trainer → save and verify.
+
+The losses are TRL's (``DPOTrainer`` for dpo and ipo; ``ORPOTrainer`` and ``CPOTrainer`` with
+SimPO's loss from ``trl.experimental``); what is kaika's is around them: the pairs are validated
+and encoded by :mod:`kaika.data.preference` with the encoder of ``kaika train`` and ``generate``
+(TRL's own tokenization of prompt + answer as one text would let byte-level BPE merge across the
+boundary), the order is seeded per epoch (resume and DDP reproduce it), and the run is guarded,
+logged, checkpointed, saved aside and verified as ``kaika train``'s is.
+
+The reference of dpo/ipo: with ``--from RUN`` a frozen copy of the run's adapter (TRL adds it to
+the same PeftModel as a second adapter, ``ref``: one base in memory); for a fresh adapter the base
+itself, the adapter switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kaika.atomic import staged_output
+from kaika.config import DpoConfig, ModelArgs, check
+from kaika.data.preference import PreferenceReport, encode_pairs, load_pairs
+from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
+from kaika.data.records import split_records
+from kaika.data.tokenize import pad_batch, resolve_pad_token
+from kaika.errors import KaikaError
+from kaika.guard import check_inputs_outside
+from kaika.modeling.load import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+    resolve_dtype,
+    resolve_source,
+)
+from kaika.modeling.lora import apply_lora, enable_gradient_checkpointing
+from kaika.modeling.qkv import apply_slice_masks, check_block_structure, parse_slices
+from kaika.modeling.verify import verify_adapter
+from kaika.rundir import (
+    CURVE_FILE,
+    LOG_FILE,
+    REPORT_FILE,
+    RunDir,
+    save_base_notices,
+    save_config,
+    save_template,
+    save_tokenizer,
+)
+from kaika.training.trainer import (
+    Fitted,
+    JsonlLogCallback,
+    SeededOrder,
+    check_output_dir,
+    gradient_accumulation,
+    is_main_process,
+    log_batch,
+    plot_loss_curve,
+    prepare_output_dir,
+    run_fit,
+    run_lock,
+    training_arguments,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+VERIFY_PAIRS = 4
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+@dataclass
+class PreferenceResult:
+    output_dir: Path
+    global_step: int
+    train_loss: float
+    eval_loss: float | None
+    train_seconds: float
+    reward_accuracy: float | None  # the last logged (training) value
+    reward_margin: float | None
+    data_report: PreferenceReport
+    model: Any = field(default=None, repr=False)  # the trained PeftModel, in memory
+
+
+def dpo(cfg: DpoConfig) -> PreferenceResult:
+    out, run = check_config(cfg)
+    if run is not None:
+        cfg = replace(cfg, model=start_model_args(cfg.model, run))
+    with run_lock(out):
+        return _dpo(cfg, run, out)
+
+
+def _dpo(cfg: DpoConfig, run: RunDir | None, out: Path) -> PreferenceResult:
+    if cfg.data.template not in (AUTO, CHAT):
+        load_template(cfg.data.template)  # a bad template file fails before the data is read
+    train_pairs, val_pairs = load_data(cfg)  # all input checked before any model is loaded
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, run.tokenizer_source if run else source)
+    resolve_pad_token(tokenizer)
+    template = choose_template(cfg, run, tokenizer, train_pairs)
+    train_rows, report = encode_pairs(train_pairs, template, tokenizer, cfg.data.cutoff_len)
+    val_rows, _ = encode_pairs(val_pairs, template, tokenizer, cfg.data.cutoff_len)
+    log.info("data: %s", report.summary())
+    model = build_model(cfg, run, source)
+    prepare_output_dir(cfg.train)
+    trainer = build_trainer(cfg, run, model, tokenizer, train_rows, val_rows)
+    fitted = run_fit(trainer, cfg.train, bool(val_rows))
+    result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_rows, out)
+    log.info(
+        "done: adapter in %s (%d steps, %.0f s; reward accuracy %s, margin %s)",
+        out,
+        result.global_step,
+        result.train_seconds,
+        _fmt(result.reward_accuracy),
+        _fmt(result.reward_margin),
+    )
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def check_config(cfg: DpoConfig) -> tuple[Path, RunDir | None]:
+    """What can be known wrong without reading data or loading a model fails here, first."""
+    check(cfg)
+    gradient_accumulation(cfg.train, world_size())
+    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    if cfg.dpo.precompute_ref and cfg.dpo.loss in REFERENCE_FREE:
+        raise KaikaError(f"--precompute-ref: the {cfg.dpo.loss} loss has no reference model to precompute")
+    run = None
+    if cfg.dpo.from_run:
+        run = RunDir.open(cfg.dpo.from_run)  # a missing or half-written adapter is refused here
+        if Path(cfg.dpo.from_run).resolve() == Path(cfg.train.output_dir).resolve():
+            raise KaikaError("--from and --output-dir are the same directory: the SFT run would be replaced")
+    if cfg.train.overwrite:
+        inputs = [*cfg.data.data, *cfg.data.val_data, *([cfg.dpo.from_run] if run else [])]
+        check_inputs_outside(cfg.train.output_dir, inputs, "--overwrite")
+    return check_output_dir(cfg.train), run
+
+
+def start_model_args(given: ModelArgs, run: RunDir) -> ModelArgs:
+    """The base model of ``--from RUN``: the run's (its base, dtype, quantization, attention); a
+    different --base-model is refused (the adapter was trained on the run's), a --dtype other than
+    auto overrides the run's."""
+    saved = run.model_args
+    default = ModelArgs().base_model
+    if given.base_model not in (default, saved.base_model):
+        raise KaikaError(
+            f"--from {run.name}: its adapter was trained on {saved.base_model}, not {given.base_model}; "
+            "drop --base-model (the run's base is used)"
+        )
+    return replace(saved, dtype=given.dtype if given.dtype != "auto" else saved.dtype)
+
+
+def load_data(cfg: DpoConfig) -> tuple[list[dict], list[dict]]:
+    pairs = load_pairs(cfg.data.data, cfg.data.columns)
+    if cfg.data.val_data:
+        return pairs, load_pairs(cfg.data.val_data, cfg.data.columns)
+    return split_records(pairs, cfg.data.val_set_size, cfg.train.seed, "validation pairs")
+
+
+def choose_template(cfg: DpoConfig, run: RunDir | None, tokenizer, pairs: list[dict]) -> Template:
+    """``auto`` continues an SFT run with the template it trained with (its answers are in that
+    format); otherwise as ``kaika train`` chooses."""
+    if run is not None and cfg.data.template == AUTO:
+        template = run.template
+    else:
+        template = resolve_template(cfg.data.template, tokenizer, any("messages" in p for p in pairs))
+    log.info(
+        "template: %s (%s); loss %s, beta %g; loss on the answers only",
+        template.name,
+        "the base model's chat template" if template.kind == "chat" else "kaika's template",
+        cfg.dpo.loss,
+        cfg.beta,
+    )
+    return template
+
+
+def build_model(cfg: DpoConfig, run: RunDir | None, source: ModelSource):
+    """The policy: the SFT run's adapter, trainable (its q/k/v slices held as it trained them), or
+    a fresh LoRA of ``cfg.lora`` on the base."""
+    from peft import PeftModel
+    from transformers import set_seed
+
+    model = load_model(cfg.model, source)
+    set_seed(cfg.train.seed)
+    if run is None:
+        return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = PeftModel.from_pretrained(model, run.path, is_trainable=True)
+    lora = run.config.lora if run.config is not None else None
+    slices = parse_slices(lora.qkv) if lora is not None else None
+    if slices:
+        apply_slice_masks(model, slices, lora.r)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "continuing the adapter of %s: %s trainable parameters of %s",
+        run.name,
+        f"{trainable:,}",
+        f"{total:,}",
+    )
+    return model
+
+
+# --------------------------------------------------------------------------- TRL's trainers
+
+
+def _import_trainers():
+    """TRL's three trainers; ORPO and CPO live in ``trl.experimental``, which warns on import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl import DPOConfig, DPOTrainer
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer
+
+
+def paired_rows(feature: dict) -> dict[str, list[int]]:
+    """kaika's encoded pair in the row layout of TRL's ORPO and CPO trainers (prompt, then each
+    answer after it, labels -100 over the prompt)."""
+    p = feature["prompt_ids"]
+    row = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
+    for side in ("chosen", "rejected"):
+        a = feature[f"{side}_ids"]
+        row[f"{side}_input_ids"] = p + a
+        row[f"{side}_attention_mask"] = [1] * (len(p) + len(a))
+        row[f"{side}_labels"] = [-100] * len(p) + a
+    return row
+
+
+def trainer_classes():
+    DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer = _import_trainers()
+
+    class KaikaDPOTrainer(SeededOrder, DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # encoded by kaika.data.preference: nothing for TRL to tokenize
+
+    class KaikaORPOTrainer(SeededOrder, ORPOTrainer):
+        def tokenize_row(self, feature, model=None):
+            return paired_rows(feature)
+
+    class KaikaCPOTrainer(SeededOrder, CPOTrainer):
+        def tokenize_row(self, feature, model=None):
+            return paired_rows(feature)
+
+    return {
+        "dpo": (KaikaDPOTrainer, DPOConfig),
+        "ipo": (KaikaDPOTrainer, DPOConfig),
+        "orpo": (KaikaORPOTrainer, ORPOConfig),
+        "simpo": (KaikaCPOTrainer, CPOConfig),
+    }
+
+
+def loss_arguments(cfg: DpoConfig) -> dict[str, Any]:
+    """The TRL config fields of ``--loss``."""
+    # kaika enables checkpointing on the model itself (modeling.lora); TRL defaults it on in its args
+    common = {"beta": cfg.beta, "max_length": cfg.data.cutoff_len, "activation_checkpointing": False}
+    if cfg.dpo.loss in ("dpo", "ipo"):
+        return {
+            **common,
+            "loss_type": ["sigmoid" if cfg.dpo.loss == "dpo" else "ipo"],
+            "precompute_ref_log_probs": cfg.dpo.precompute_ref,
+        }
+    # ORPO's and CPO's batches carry no attention_mask of their own: tokens are not counted there.
+    common["include_num_input_tokens_seen"] = "no"
+    if cfg.dpo.loss == "orpo":
+        return common
+    return {**common, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.dpo.simpo_gamma}
+
+
+def build_trainer(cfg: DpoConfig, run: RunDir | None, model, tokenizer, train_rows, val_rows):
+    from datasets import Dataset
+
+    log_batch(cfg.train)
+    trainer_cls, config_cls = trainer_classes()[cfg.dpo.loss]
+    dtype = next(p.dtype for p in model.parameters())
+    out = Path(cfg.train.output_dir)
+    args = training_arguments(
+        replace(cfg.train, group_by_length=False),  # kaika's seeded shuffle (SeededOrder) instead
+        out,
+        dtype,
+        bool(val_rows),
+        world_size(),
+        cls=config_cls,
+        **loss_arguments(cfg),
+    )
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(out / LOG_FILE)],
+    )
+    if run is None and "ref" in getattr(trainer.model, "peft_config", {}):
+        # TRL copies a given adapter as the reference; a fresh one (B = 0) is the base itself, which
+        # switching the adapter off gives without a second adapter's memory and compute.
+        trainer.model.delete_adapter("ref")
+    return trainer
+
+
+# --------------------------------------------------------------------------- save
+
+
+def last_logged(history: list[dict], key: str) -> float | None:
+    return next((float(h[key]) for h in reversed(history) if key in h), None)
+
+
+def save_and_verify(
+    cfg: DpoConfig,
+    fitted: Fitted,
+    tokenizer,
+    template: Template,
+    report: PreferenceReport,
+    source: ModelSource,
+    train_rows,
+    out: Path,
+) -> PreferenceResult:
+    model = fitted.model
+    result = PreferenceResult(
+        out,
+        fitted.global_step,
+        fitted.train_loss,
+        fitted.eval_loss,
+        fitted.seconds,
+        last_logged(fitted.history, "rewards/accuracies"),
+        last_logged(fitted.history, "rewards/margins"),
+        report,
+        model,
+    )
+    if not is_main_process():
+        return result
+    check_block_structure(model)
+    with staged_output(out) as stage:
+        model.save_pretrained(stage, selected_adapters=["default"])  # not the frozen reference copy
+        if template.kind == "chat":
+            tokenizer.chat_template = template.source
+        save_tokenizer(tokenizer, stage)
+        save_config(cfg, stage)
+        save_template(template, stage)
+        save_base_notices(source.path, stage)
+        (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        plot_loss_curve(fitted.history, stage / CURVE_FILE)
+        if cfg.train.verify:
+            rows = [{"input_ids": r["prompt_ids"] + r["chosen_ids"]} for r in train_rows[:VERIFY_PAIRS]]
+            verify_adapter(stage, model, cfg.model, source, pad_batch(rows, tokenizer.pad_token_id))
+    return result
