@@ -1,0 +1,208 @@
+"""``kaika dpo`` on the builtin tiny BLOOM (fp32): the loss is DPO's formula of the four
+log-probabilities, the reference is what it should be, a synthetic preference is learned by each
+loss, and the saved adapter is one every other command takes.
+
+The log-probabilities are computed here by hand (one sequence at a time, log-softmax of the
+model's own logits), not with TRL's code, so the comparison checks TRL's wiring into kaika, not
+TRL against itself. Tolerance 1e-4 relative: the same fp32 forward in a batch of 4 with padding
+and alone differ by float rounding only (measured ~1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import run_kaika, seed_records, write_jsonl
+from kaika.config import DpoConfig, TrainConfig
+from kaika.data.preference import encode_pairs
+from kaika.data.tokenize import resolve_pad_token
+from kaika.modeling.load import load_model, load_tokenizer, resolve_source
+from kaika.training import preference
+from kaika.training.sft import train
+
+CHOSEN, REJECTED = "はい、喜んでお手伝いします。", "No, I will not help."  # Japanese over English
+
+
+def synthetic_pairs(n: int = 40) -> list[dict]:
+    """Every prompt a seed task; the same Japanese answer preferred to the same English one."""
+    return [
+        {"instruction": r["instruction"], "chosen": CHOSEN, "rejected": REJECTED}
+        for r in seed_records(n, 120)
+    ]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", synthetic_pairs())
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> Path:
+    """A short SFT run (q and v slices of BLOOM's fused projection) whose adapter DPO continues."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    cfg = TrainConfig()
+    cfg.model.dtype = "float32"
+    cfg.data.data, cfg.data.cutoff_len = (
+        [str(write_jsonl(out.parent / "sft.jsonl", seed_records(16, 120)))],
+        128,
+    )
+    cfg.lora.qkv = ["q", "v"]
+    t = cfg.train
+    t.output_dir, t.max_steps, t.batch_size, t.micro_batch_size, t.lr = str(out), 4, 8, 4, 1e-2
+    train(cfg)
+    return out
+
+
+def dpo_config(data: Path, out: Path, **dpo) -> DpoConfig:
+    cfg = DpoConfig()
+    cfg.model.dtype = "float32"
+    cfg.data.data, cfg.data.cutoff_len = [str(data)], 128
+    t = cfg.train
+    t.output_dir, t.batch_size, t.micro_batch_size, t.lr, t.logging_steps = str(out), 8, 4, 1e-3, 1
+    cfg.dpo = replace(cfg.dpo, **dpo)
+    return cfg
+
+
+def built(cfg: DpoConfig):
+    """The trainer ``kaika dpo`` builds, before it trains, and its encoded pairs."""
+    out, run = preference.check_config(cfg)
+    if run is not None:
+        cfg = replace(cfg, model=preference.start_model_args(cfg.model, run))
+    pairs, _ = preference.load_data(cfg)
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, run.tokenizer_source if run else source)
+    resolve_pad_token(tokenizer)
+    template = preference.choose_template(cfg, run, tokenizer, pairs)
+    rows, _ = encode_pairs(pairs, template, tokenizer, cfg.data.cutoff_len)
+    model = preference.build_model(cfg, run, source)
+    return preference.build_trainer(cfg, run, model, tokenizer, rows, []), rows, cfg
+
+
+@torch.no_grad()
+def answer_logps(model, rows: list[dict], side: str) -> torch.Tensor:
+    """Sum of log p(answer token | everything before it), one unpadded sequence at a time."""
+    out = []
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"] + row[f"{side}_ids"]])
+        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        start = len(row["prompt_ids"])
+        targets = ids[0, start:]
+        out.append(logp[start - 1 :].gather(1, targets[:, None]).sum())
+    return torch.stack(out)
+
+
+def test_dpo_loss_is_the_formula_and_the_reference_is_the_frozen_sft_adapter(sft_run, pairs_file, tmp_path):
+    from peft import PeftModel
+
+    trainer, rows, cfg = built(dpo_config(pairs_file, tmp_path / "dpo", from_run=str(sft_run)))
+    model = trainer.model
+    assert set(model.peft_config) == {"default", "ref"}  # one base, two adapters
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)  # the reference copy is frozen
+    with torch.no_grad():  # move the policy away from the reference, as training would
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p) * (p != 0))  # inside the q/v slices only
+    model.eval()
+    batch = trainer.data_collator(rows[:4])
+    loss = trainer.compute_loss(model, batch)
+
+    policy = {s: answer_logps(model, rows[:4], s) for s in ("chosen", "rejected")}
+    sft = PeftModel.from_pretrained(load_model(cfg.model, resolve_source(cfg.model)), sft_run).eval()
+    ref = {s: answer_logps(sft, rows[:4], s) for s in ("chosen", "rejected")}
+    beta = cfg.beta
+    margin = (policy["chosen"] - ref["chosen"]) - (policy["rejected"] - ref["rejected"])
+    expected = -F.logsigmoid(beta * margin).mean()
+    assert policy["chosen"].sub(ref["chosen"]).abs().max() > 1e-2  # the policy did move
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    # What TRL uses as the reference is the SFT adapter as it was saved, not the policy.
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, batch)
+    torch.testing.assert_close(ref_chosen, ref["chosen"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref_rejected, ref["rejected"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_fresh_adapter_has_the_base_itself_as_reference(pairs_file, tmp_path):
+    trainer, rows, cfg = built(dpo_config(pairs_file, tmp_path / "dpo"))
+    assert set(trainer.model.peft_config) == {"default"}  # no second adapter: the base, adapter off
+    base = load_model(cfg.model, resolve_source(cfg.model)).eval()
+    batch = trainer.data_collator(rows[:4])
+    trainer.model.eval()
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    torch.testing.assert_close(ref_chosen, answer_logps(base, rows[:4], "chosen"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref_rejected, answer_logps(base, rows[:4], "rejected"), rtol=1e-4, atol=1e-4)
+
+
+def held_out_margin(model, tokenizer, template, prompts: list[dict]) -> torch.Tensor:
+    rows, _ = encode_pairs(prompts, template, tokenizer, 128)
+    return answer_logps(model, rows, "chosen") - answer_logps(model, rows, "rejected")
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "orpo", "simpo"])
+def test_each_loss_learns_a_synthetic_preference_and_saves_a_verified_adapter(loss, sft_run, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40))
+    cfg = dpo_config(pairs, tmp_path / loss, from_run=str(sft_run), loss=loss)
+    cfg.data.val_set_size = 8
+    cfg.train.max_steps, cfg.train.eval_steps, cfg.train.lr = 12, 12, 3e-3
+    result = preference.dpo(cfg)
+    rows = [
+        json.loads(line) for line in (Path(result.output_dir) / "trainer_log.jsonl").read_text().splitlines()
+    ]
+    evals = [r for r in rows if "eval_reward_accuracy" in r]
+    assert evals and evals[-1]["eval_reward_accuracy"] > 0.9, evals  # held-out pairs: chosen wins
+    assert evals[-1]["eval_reward_margin"] > 0
+    assert all({"loss", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected"} <= set(r)
+               for r in rows if "loss" in r)  # fmt: skip
+    assert (Path(result.output_dir) / "kaika_dpo.yaml").is_file()
+    assert not (Path(result.output_dir) / "ref").exists()  # the reference copy is not saved
+
+    # Generation moves the measured way: on prompts it never saw, the Japanese answer now more
+    # likely than the English one, by more than the SFT adapter had it.
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(cfg.model, resolve_source(cfg.model))
+    from kaika.rundir import RunDir
+
+    run = RunDir.open(result.output_dir)
+    unseen = [{"instruction": r["instruction"], "input": "", "chosen": CHOSEN, "rejected": REJECTED,
+               "where": "unseen"} for r in seed_records(60, 120)[40:]]  # fmt: skip
+    base = lambda: load_model(run.model_args, run.source)  # noqa: E731
+    before = held_out_margin(
+        PeftModel.from_pretrained(base(), sft_run).eval(), tokenizer, run.template, unseen
+    )
+    after = held_out_margin(
+        PeftModel.from_pretrained(base(), run.path).eval(), tokenizer, run.template, unseen
+    )
+    assert (after > before).float().mean() > 0.9, (before, after)
+
+
+def test_generate_and_merge_take_the_preference_tuned_adapter(sft_run, pairs_file, tmp_path):
+    out = tmp_path / "dpo"
+    run_kaika("dpo", "--from", str(sft_run), "--data", str(pairs_file), "--output-dir", str(out),
+              "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--cutoff-len", "128",
+              cwd=tmp_path)  # fmt: skip
+    saved = (out / "template.json").read_text()
+    assert saved == (sft_run / "template.json").read_text()  # the SFT run's template goes on
+    said = run_kaika("generate", str(out), "日本の首都は？", "--max-new-tokens", "4", cwd=tmp_path)
+    assert said.strip()
+    run_kaika("merge", str(out), str(tmp_path / "merged"), cwd=tmp_path)
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_bad_starts_fail_before_any_model_loads(sft_run, pairs_file, tmp_path):
+    from kaika.errors import KaikaError
+
+    with pytest.raises(KaikaError, match="no reference model to precompute"):
+        preference.dpo(dpo_config(pairs_file, tmp_path / "a", loss="orpo", precompute_ref=True))
+    with pytest.raises(KaikaError, match="does not exist"):
+        preference.dpo(dpo_config(pairs_file, tmp_path / "b", from_run=str(tmp_path / "nowhere")))
+    cfg = dpo_config(pairs_file, tmp_path / "c", from_run=str(sft_run))
+    cfg.model.base_model = "gemma-3-270m"
+    with pytest.raises(KaikaError, match="its adapter was trained on"):
+        preference.dpo(cfg)
