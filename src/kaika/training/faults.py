@@ -206,12 +206,15 @@ def _max_abs(tensors: list[torch.Tensor]) -> float:
 
 
 def data_fingerprint(*datasets) -> str:
+    """A hash of every id list of every example (training rows: input_ids and labels; preference
+    pairs: prompt, chosen and rejected ids), for the ranks of a run to check they hold the same data."""
     h = hashlib.sha256()
     for ds in datasets:
         h.update(f"[{len(ds or [])}]".encode())
         for ex in ds or []:
-            h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
-            h.update(np.asarray(ex["labels"], dtype=np.int64).tobytes())
+            for key in sorted(k for k in ex if k.endswith("ids") or k == "labels"):
+                h.update(key.encode())
+                h.update(np.asarray(ex[key], dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
