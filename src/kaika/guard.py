@@ -39,7 +39,8 @@ LOCK_FILE = ".kaika-lock"
 # staging leftovers) was written by kaika even without an owner file.
 KAIKA_NAMES = {
     "README.md", "adapter_config.json", "adapter_model.safetensors", "base_model", "checkpoints",
-    "data_report.json", "kaika_config.yaml", "kaika_pretrain_config.yaml", "kaika_training_config.yaml",
+    "data_report.json", "kaika_config.yaml", "kaika_pretrain.yaml", "kaika_pretrain_config.yaml",
+    "kaika_training_config.yaml", "kaika_dpo.yaml",
     "loss_curve.png", "template.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "trainer_log.jsonl", "sweep_result.json", "eval", "config.json",
     "generation_config.json", "model.safetensors", "model.safetensors.index.json", "runs", "results.csv",
@@ -57,7 +58,11 @@ def claim(path: Path, kind: str) -> None:
         owner.write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
-KAIKA_CONFIGS = ("kaika_config.yaml", "kaika_pretrain_config.yaml", "kaika_training_config.yaml")
+# The saved configs of kaika train, pretrain (and its old name), dpo, and of a merged model.
+KAIKA_CONFIGS = (
+    "kaika_config.yaml", "kaika_pretrain.yaml", "kaika_pretrain_config.yaml", "kaika_dpo.yaml",
+    "kaika_training_config.yaml",
+)  # fmt: skip
 
 
 def is_kaika_hidden(name: str) -> bool:

@@ -25,7 +25,7 @@ MAX_SHOWN = 20
 BUILTIN_DATA = {
     "seed-tasks-ja": "seed_tasks_ja.jsonl",  # 175 Japanese Alpaca seed tasks, Apache-2.0
     "seed-chats-ja": "conversations/seed_chats_ja.jsonl",  # 87 conversations built from them, Apache-2.0
-    "seed-prefs-ja": "preferences/seed_prefs_ja.jsonl",  # 175 preference pairs built from them, Apache-2.0
+    "seed-prefs-ja": "preferences/seed_prefs_ja.jsonl",  # 154 preference pairs built from them, Apache-2.0
     "elyza-tasks-100": "elyza_tasks_100/elyza_tasks_100.jsonl",  # evaluation only, CC BY-SA 4.0
 }
 T = TypeVar("T")
