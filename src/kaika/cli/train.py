@@ -44,12 +44,87 @@ def add_dpo(p: argparse.ArgumentParser) -> None:
         "trains on --base-model. Options of the lora section apply to a fresh adapter only."
     )
     add_config_args(p, DpoConfig)
+    sub = p.add_subparsers(dest="dpo_command", metavar="pairs", required=False)
+    pairs = sub.add_parser(
+        "pairs",
+        help="Make preference pairs from a run's own sampled answers, scored by metrics or a judge",
+        description="Sample several answers per task from a run, score them (metrics against the task's "
+        "reference answer, or an LLM judge), and write the best as chosen, the worst as rejected: a "
+        "JSONL file that kaika dpo --data reads.",
+    )
+    add_pairs_args(pairs)
+
+
+def add_pairs_args(p: argparse.ArgumentParser) -> None:
+    from kaika.cli.eval import add_judge_args
+    from kaika.cli.options import add_dataclass_args, add_inference_args, positive_int
+    from kaika.config import GenerateArgs
+
+    p.add_argument(
+        "run_dir", metavar="RUN", help="The run (or model) whose answers are compared, e.g. runs/sft"
+    )
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="Tasks with reference answers: Alpaca (instruction, input, output) or ELYZA (input, output) "
+        "JSON/JSONL/CSV, or a builtin (seed-tasks-ja, elyza-tasks-100: keep evaluation tasks out of training)",
+    )
+    p.add_argument("--output", "-o", required=True, help="The pairs file to write (JSONL)")
+    p.add_argument("--samples", type=positive_int, default=4, help="Answers sampled per task (default: 4)")
+    p.add_argument(
+        "--score",
+        choices=("metrics", "judge"),
+        default="metrics",
+        help="metrics: stopped, then chrF against the reference, then less repetition; judge: the LLM "
+        "judge's 1-5 score (default: metrics)",
+    )
+    p.add_argument(
+        "--chosen",
+        choices=("best", "reference"),
+        default="best",
+        help="best: the best-scored answer; reference: the task's reference answer (default: best)",
+    )
+    p.add_argument("--limit", type=positive_int, help="Only the first N tasks")
+    add_inference_args(p)
+    # Sampling, not greedy: several draws of the same greedy answer compare nothing.
+    sampling = GenerateArgs(temperature=0.8, top_p=0.95)
+    add_dataclass_args(p, GenerateArgs, "generate", defaults=sampling)
+    p.set_defaults(**{"generate.temperature": sampling.temperature, "generate.top_p": sampling.top_p})
+    add_judge_args(p)
+
+
+def run_pairs(ns: argparse.Namespace) -> None:
+    from kaika.cli.options import generate_args
+    from kaika.eval.judge import JudgeSettings
+    from kaika.eval.pairs import make_pairs
+
+    judge = None
+    if ns.judge:
+        judge = JudgeSettings(
+            ns.judge, ns.judge_model, ns.judge_api_key, ns.judge_max_tokens, ns.judge_concurrency
+        )
+    report = make_pairs(
+        ns.run_dir,
+        ns.tasks,
+        ns.output,
+        generate_args(ns),
+        samples=ns.samples,
+        scorer=ns.score,
+        chosen=ns.chosen,
+        judge=judge,
+        limit=ns.limit,
+        base_model=ns.base_model,
+        dtype=ns.dtype,
+    )
+    print(report.summary())
 
 
 def run_dpo(ns: argparse.Namespace) -> None:
     from kaika.training.preference import dpo
     from kaika.training.trainer import is_main_process
 
+    if getattr(ns, "dpo_command", None) == "pairs":
+        return run_pairs(ns)
     result = dpo(resolve_config(DpoConfig, ns.config, namespace_overrides(ns)))
     if not is_main_process():
         return
