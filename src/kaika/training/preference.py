@@ -225,7 +225,7 @@ def _import_trainers():
 # tiles of 4096 tokens × 32768 vocabulary entries, whose fp32 temporaries (0.5 GB each) are mapped
 # and unmapped at every tile. Measured on 2 cores, gemma-3-270m bf16, micro batch 4 of seed-prefs-ja,
 # one DPO step: 36-44 tokens/s as TRL ships, 235-241 with compact scoring and 512 × 4096 tiles
-# (8 MB), the same loss (tests/training/test_preference.py checks it against the formula).
+# (8 MB), the same loss (tests/training/test_dpo.py checks it against the formula).
 CPU_TOKEN_TILE, CPU_VOCAB_TILE = 512, 4096
 
 
