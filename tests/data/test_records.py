@@ -147,7 +147,9 @@ def test_builtin_data_by_name():
     assert len(chats) == 87 and sum(len(c["messages"]) for c in chats) == 448
     elyza = load_records(["elyza-tasks-100"])
     assert len(elyza) == 100 and all(r["input"] == "" and r["output"] for r in elyza)
-    with pytest.raises(KaikaError, match="a builtin: seed-tasks-ja, seed-chats-ja, seed-prefs-ja, elyza-tasks-100"):
+    with pytest.raises(
+        KaikaError, match="a builtin: seed-tasks-ja, seed-chats-ja, seed-prefs-ja, elyza-tasks-100"
+    ):
         load_records(["seed-tasks-jp"])
 
 
