@@ -41,28 +41,43 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def build_model(kind: str, tokenizer, out: Path, seed: int = 0) -> Path:
-    """A 2-layer model of architecture ``kind`` (bloom, llama, gpt2) with ``tokenizer``, saved to ``out``."""
-    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, LlamaConfig
+    """A 2-layer model of architecture ``kind`` (bloom, llama, mistral, qwen2, gemma3_text, gpt2) with
+    ``tokenizer``, saved to ``out``."""
+    from transformers import (
+        AutoModelForCausalLM,
+        BloomConfig,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     ids = dict(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    llama_shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        **ids,
+    )
     config = {
         "bloom": lambda: BloomConfig(
             vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1, **ids
         ),
-        "llama": lambda: LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            initializer_range=0.1,
-            **ids,
+        "llama": lambda: LlamaConfig(**llama_shape),
+        "mistral": lambda: MistralConfig(**llama_shape, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**llama_shape),
+        "gemma3_text": lambda: Gemma3TextConfig(
+            **llama_shape, head_dim=16, query_pre_attn_scalar=16, sliding_window=64
         ),
         "gpt2": lambda: GPT2Config(
             vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512, **ids

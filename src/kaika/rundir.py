@@ -46,6 +46,8 @@ PRETRAIN_REPORT_FILE = "pretrain_report.json"
 LOG_FILE = "trainer_log.jsonl"
 CURVE_FILE = "loss_curve.png"
 CHECKPOINTS = "checkpoints"
+EVAL_DIR = "eval"  # kaika eval outputs kept with a run: eval/NAME/summary.json, eval/NAME.json (loss)
+EVAL_SUMMARY = "summary.json"
 # Files that mark a directory as a kaika run, so --overwrite never empties an unrelated folder.
 RUN_MARKERS = (CONFIG_FILE, PRETRAIN_CONFIG_FILE, DPO_CONFIG_FILE, ADAPTER_CONFIG, CHECKPOINTS, LOG_FILE)
 # Saved configs, in the order they are looked for, and the class each holds.

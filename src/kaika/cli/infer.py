@@ -1,4 +1,4 @@
-"""``kaika generate``, ``chat``, ``webui``, ``serve`` and ``merge``: a run directory in, one library call."""
+"""``kaika generate``, ``chat``, ``webui``, ``serve``, ``merge`` and ``export``: a run directory in, one library call."""
 
 from __future__ import annotations
 
@@ -80,6 +80,49 @@ def run_merge(ns: argparse.Namespace) -> None:
         f"merged model written to {r.out_dir} ({r.dtype}; logits match base + adapter within "
         f"{r.max_abs_diff:.2e}, tolerance {r.tolerance:.1e})"
     )
+
+
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source",
+        help="A kaika run or PEFT adapter directory (merged first, in float32), or a merged model directory",
+    )
+    p.add_argument("out_dir", help="Where to write the GGUF file, its model card and (--ollama) a Modelfile")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="Output format (default: gguf)")
+    p.add_argument(
+        "--quant",
+        default="f16",
+        choices=["f16", "bf16", "q8_0"],
+        help="Type of the weight matrices (norms and biases stay float32); q8_0: 8-bit blocks, about half "
+        "of f16's size (default: f16)",
+    )
+    p.add_argument(
+        "--ollama", action="store_true", help="Also write an Ollama Modelfile (FROM, TEMPLATE, stops)"
+    )
+    p.add_argument("--base-model", help="Use this base model instead of the one saved with the adapter")
+    p.add_argument(
+        "--force", action="store_true", help="Replace OUT_DIR if it is not empty (only one kaika wrote)"
+    )
+
+
+def run_export(ns: argparse.Namespace) -> None:
+    from kaika.inference.export import export
+
+    r = export(
+        ns.source,
+        ns.out_dir,
+        fmt=ns.format,
+        quant=ns.quant,
+        base_model=ns.base_model,
+        ollama=ns.ollama,
+        force=ns.force,
+    )
+    print(
+        f"GGUF written to {r.gguf_file} ({r.quant}; read back, its logits match the written weights within "
+        f"{r.file_diff:.2e}; {r.quant} moves them by {r.quant_diff:.2e} against float32)"
+    )
+    if ns.ollama:
+        print(f"Ollama: cd {r.out_dir} && ollama create NAME -f Modelfile")
 
 
 def add_chat(p: argparse.ArgumentParser) -> None:

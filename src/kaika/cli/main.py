@@ -56,6 +56,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         infer.add_merge,
         infer.run_merge,
     ),
+    "export": (
+        "Export a run or merged model as GGUF for llama.cpp and Ollama (verified), with a model card.",
+        infer.add_export,
+        infer.run_export,
+    ),
     "chat": ("Chat with base model + adapter in the terminal (streaming).", infer.add_chat, infer.run_chat),
     "webui": ("A web page (Gradio) to try base model + adapter.", infer.add_webui, infer.run_webui),
     "serve": (

@@ -28,11 +28,12 @@ from kaika.eval import metrics
 from kaika.eval.loss import load_subject, variants
 from kaika.guard import check_not_input
 from kaika.inference.generate import Loaded
+from kaika.rundir import EVAL_SUMMARY
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TASKS = {"elyza-tasks-100": "elyza_tasks_100/elyza_tasks_100.csv"}  # CC BY-SA 4.0, shipped
-SUMMARY_JSON = "summary.json"
+SUMMARY_JSON = EVAL_SUMMARY  # the name rundir gives it: the model card reads it too
 SUMMARY_MD = "summary.md"
 
 

@@ -9,27 +9,28 @@ only then rename it into place. A failed or interrupted merge leaves no half-wri
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kaika.config import DpoConfig, ModelArgs, TrainConfig
 from kaika.data.messages import jinja_chat_template
-from kaika.data.prompts import ChatTemplate, PromptTemplate, Template
+from kaika.data.prompts import ChatTemplate, Template
 from kaika.data.segments import record_prompt_ids, stop_ids
 from kaika.data.tokenize import pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
 from kaika.guard import check_inputs_outside, check_replaceable, replace_owned
-from kaika.modeling.builtin import BUILTIN_CARDS
+from kaika.inference.card import Check, model_card
 from kaika.modeling.load import DTYPES, ModelSource, load_model, load_tokenizer
 from kaika.modeling.verify import compare_logits, masked_logits, verify_full_model
 from kaika.rundir import (
     BASE_NOTICES,
     MERGED_CONFIG_FILE,
+    REPORT_FILE,
     RunDir,
     save_base_notices,
     save_config,
@@ -59,6 +60,45 @@ class MergeResult:
     files: list[str]
 
 
+@dataclass
+class Merged:
+    """A run's adapter folded into its base, in memory (float32), with what was checked on the way."""
+
+    run: RunDir
+    cfg: TrainConfig  # the training config the merged model records
+    template: Template
+    tokenizer: Any
+    model: Any  # float32, no adapter
+    batch: dict[str, torch.Tensor]  # the check prompts, as generation batches them
+    expected: torch.Tensor  # base + adapter's logits on ``batch``, unmerged
+    diff: float  # max |logit difference|, merged vs unmerged (0 for a whole model: nothing to merge)
+    tol: float
+    trained_quantized: bool
+
+
+def merge_in_memory(run: RunDir) -> Merged:
+    """The run's base + adapter merged in float32 and checked against the unmerged model; a whole
+    model (merged already) is loaded as it is, in float32."""
+    cfg = run_config(run)
+    tokenizer = load_tokenizer(run.model_args, run.tokenizer_source)
+    resolve_pad_token(tokenizer)
+    batch = verify_batch(tokenizer, run.template)
+    if not run.is_adapter:
+        model = load_model(replace(run.model_args, quantization="none", dtype="float32"), run.source)
+        logits = masked_logits(model, batch)
+        return Merged(run, cfg, run.template, tokenizer, model, batch, logits, 0.0, 0.0, False)
+    model, trained_quantized = load_full_precision(run.model_args, run.source, run.path)
+    expected = masked_logits(model, batch)  # base + adapter, unmerged
+    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/inf weights
+    diff, tol = compare(
+        masked_logits(merged, batch),
+        expected,
+        MERGE_RTOL,
+        "the merged model's logits differ from base + adapter",
+    )
+    return Merged(run, cfg, run.template, tokenizer, merged, batch, expected, diff, tol, trained_quantized)
+
+
 def merge(
     adapter_dir: str | Path,
     out_dir: str | Path,
@@ -74,47 +114,39 @@ def merge(
     check_inputs_outside(out_dir, [run.source.path], "writing the merged model")
     if dtype not in DTYPES:
         raise KaikaError(f"unknown dtype {dtype!r} for the merged checkpoint; use {', '.join(DTYPES)}")
-    cfg = run_config(run)
-    template = run.template
-    tokenizer = load_tokenizer(run.model_args, run.tokenizer_source)
-    resolve_pad_token(tokenizer)
-    model, trained_quantized = load_full_precision(run.model_args, run.source, adapter_dir)
-    batch = verify_batch(tokenizer, template)
-    expected = masked_logits(model, batch)  # base + adapter, unmerged
-    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/inf weights
-    diff, tol = compare(
-        masked_logits(merged, batch),
-        expected,
-        MERGE_RTOL,
-        "the merged model's logits differ from base + adapter",
-    )
-    merged = merged.to(DTYPES[dtype])
+    m = merge_in_memory(run)
+    merged = m.model.to(DTYPES[dtype])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        write_checkpoint(merged, tokenizer, template, cfg, tmp, max_shard_size)
-        # The base's provenance and terms: from the run (kaika train copied them), else from the base.
-        notices = adapter_dir / BASE_NOTICES
-        save_base_notices(notices if notices.is_dir() else run.source.path, tmp)
+        write_checkpoint(merged, m.tokenizer, m.template, m.cfg, tmp, max_shard_size)
+        save_notices(m.run, tmp)
         # The files are the merged weights (the rule of every save: tensors bit for bit, logits of the
         # reloaded checkpoint with its own and with the in-memory weights).
-        verify_full_model(tmp, merged, batch, replace(run.model_args, quantization="none"))
+        verify_full_model(tmp, merged, m.batch, replace(m.run.model_args, quantization="none"))
         # What rounding to the written dtype does to the logits: reported, not mistaken for a bad merge.
-        rounding = (masked_logits(merged.float(), batch) - expected).abs().max().item()
-        del merged, model
-        (tmp / "README.md").write_text(
-            model_card(cfg, template, adapter_dir, dtype, trained_quantized, diff, tol, rounding),
-            encoding="utf-8",
-        )
+        rounding = (masked_logits(merged.float(), m.batch) - m.expected).abs().max().item()
+        del merged, m.model
+        check = Check(m.diff, m.tol, m.trained_quantized, dtype=dtype, rounding=rounding)
+        (tmp / "README.md").write_text(model_card(m.cfg, m.template, adapter_dir, check), encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
         if out_dir.exists():  # --force: checked above, and again now, that kaika wrote it
             replace_owned(out_dir, "--force")
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, diff, tol)
-    return MergeResult(out_dir, diff, tol, rounding, dtype, files)
+    log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, m.diff, m.tol)
+    return MergeResult(out_dir, m.diff, m.tol, rounding, dtype, files)
+
+
+def save_notices(run: RunDir, out: Path) -> None:
+    """The base's provenance and terms (from the run: kaika train copied them, else from the base),
+    and the run's data report, which the model card cites."""
+    notices = run.path / BASE_NOTICES
+    save_base_notices(notices if notices.is_dir() else run.source.path, out)
+    if (run.path / REPORT_FILE).is_file():
+        shutil.copyfile(run.path / REPORT_FILE, out / REPORT_FILE)
 
 
 def check_out_dir(out_dir: Path, adapter_dir: Path, force: bool) -> None:
@@ -195,118 +227,3 @@ def write_checkpoint(merged, tokenizer, template, cfg, out: Path, max_shard_size
 def compare(got: torch.Tensor, expected: torch.Tensor, rel_tol: float, what: str) -> tuple[float, float]:
     tol = rel_tol * max(expected.abs().max().item(), 1.0)
     return compare_logits(got, expected, tol, what, "nothing was written"), tol
-
-
-# --------------------------------------------------------------------------- model card
-
-
-def data_licence(source: str) -> str:
-    """The licence named in a PROVENANCE.md / README.md next to a local data file, if any."""
-    path = Path(source)
-    folder = path if path.is_dir() else path.parent
-    if not path.exists():
-        return (
-            "see the dataset's card (hub dataset)"
-            if "/" in source and not source.endswith((".json", ".jsonl"))
-            else "unknown"
-        )
-    for name in ("PROVENANCE.md", "README.md", "LICENSE"):
-        doc = folder / name
-        if doc.is_file():
-            m = re.search(
-                r"Licen[cs]e[^:\n]*:\s*\**([^*\n]+?)\**\s*(?:\(|$)", doc.read_text(encoding="utf-8"), re.M
-            )
-            if m:
-                return f"{m.group(1).strip()} (from {name})"
-    return "unknown (no PROVENANCE.md next to the data)"
-
-
-def base_terms(card: dict[str, str]) -> str:
-    if "license_link" not in card:
-        return ""
-    return (
-        f"; its licence, the {card['license_name']} ({card['license_link']}), applies to this model too: "
-        f"`{BASE_NOTICES}/` holds the base's provenance and a copy of the terms, to pass on with the model"
-    )
-
-
-# The card is one Markdown template with the run's facts filled in: long, but read top to bottom.
-def model_card(
-    cfg: TrainConfig,
-    template: Template,
-    adapter_dir: Path,
-    dtype: str,
-    quantized: bool,
-    diff,
-    tol,
-    rounding,
-) -> str:
-    data_rows = (
-        "\n".join(f"| `{d}` | {data_licence(d)} |" for d in cfg.data.data) or "| (not recorded) | unknown |"
-    )
-    lora, train = cfg.lora, cfg.train
-    quant_note = (
-        f"\nThe adapter was trained on a {cfg.model.quantization}-quantized base. It was merged into the base "
-        "reloaded in full precision (float32), so this model is base + adapter unquantized and can differ "
-        "slightly from the quantized model used in training.\n"
-        if quantized
-        else ""
-    )
-    question = "日本の首都はどこですか？"
-    example = (
-        template.format(question)
-        if isinstance(template, PromptTemplate)
-        else f"(the chat template in tokenizer_config.json, with a user turn: {question})"
-    )
-    card = BUILTIN_CARDS.get(cfg.model.base_model, {})
-    licence = "".join(f"{k}: {card[k]}\n" for k in ("license", "license_name", "license_link") if k in card)
-    return f"""---
-base_model: {card.get("hub_id", cfg.model.base_model)}
-{licence}library_name: transformers
-pipeline_tag: text-generation
-tags:
-- kaika
-- lora
-- merged
----
-
-# Merged LoRA model (kaika)
-
-A LoRA adapter ({adapter_dir.resolve().name}) merged into its base model with peft's
-`merge_and_unload`, saved as a standard Hugging Face checkpoint ({dtype}, safetensors).
-Load it with `AutoModelForCausalLM.from_pretrained` — no peft needed.
-{quant_note}
-- **Base model**: `{cfg.model.base_model}`{base_terms(card)}
-- **Check**: on {len(VERIFY_PROMPTS)} prompts the merged weights' logits match base + adapter within
-  {diff:.2e} in float32 (tolerance {tol:.1e}); the checkpoint reloaded from these files reproduces them.{
-        ""
-        if dtype in ("float32", "fp32")
-        else f" Rounding the weights to {dtype} moves the logits by up to {rounding:.2e}."
-    }
-
-## Training data
-
-| data | licence |
-|---|---|
-{data_rows}
-
-The model's outputs and weights may be subject to the data's licence terms as well as the base model's.
-
-## Prompt template: `{template.name}`
-
-{template.description}
-
-Prompt the model exactly like this (the answer follows the last line); `template.json` holds
-the template, and the tokenizer's `chat_template` maps chat messages onto it (last user message →
-instruction, system messages → input, earlier turns → earlier prompt/answer pairs):
-
-```
-{example}```
-
-## Training configuration
-
-LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets {", ".join(lora.target)};
-{train.epochs:g} epochs (max_steps {train.max_steps}), lr {train.lr:g}, global batch {train.batch_size},
-micro batch {train.micro_batch_size}, cutoff_len {cfg.data.cutoff_len}, seed {train.seed};
-train_on_inputs={cfg.data.train_on_inputs}. The full resolved config is in `{TRAINING_CONFIG_FILE}`.
-"""
