@@ -44,6 +44,7 @@ TrainOn = Literal["assistant", "last", "all"]
 Truncation = Literal["turns", "drop"]
 SaveDtype = Literal["auto", "float32", "float16", "bfloat16"]
 PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo"]
+ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 
 
 def option(default: Any, help: str, flag: str | None = None, **bounds: float) -> Any:
@@ -241,6 +242,12 @@ class TrainArgs(Checked):
     group_by_length: bool = option(
         True,
         "Batch examples of similar length together (less padding, faster); off: uniformly shuffled batches.",
+    )
+    report_to: ReportTo = option(
+        "none",
+        "Also send the training log (loss, eval loss, lr, tokens/s) to a tracker: tensorboard (event files in "
+        "OUTPUT_DIR/tensorboard), wandb or mlflow (set up by their own WANDB_* / MLFLOW_* environment variables, "
+        "offline modes included). trainer_log.jsonl is always written.",
     )
 
 

@@ -54,8 +54,32 @@ def world_size() -> int:
 # --------------------------------------------------------------------------- output directory
 
 
+# --report-to: the module each tracker needs, and the extra that installs it
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+TENSORBOARD_DIR = "tensorboard"
+
+
+def check_tracker(report_to: str) -> None:
+    """A tracker that is not installed is refused before any data or model loads (each tracker's
+    module and kaika's extra that installs it share its name)."""
+    if report_to == "none":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(report_to) is None:
+        raise KaikaError(
+            f"--report-to {report_to} needs the {report_to} package: pip install 'kaika[{report_to}]'"
+        )
+
+
 def check_output_dir(args: TrainArgs) -> Path:
-    """Refuse to clobber work; creates nothing (input is validated before anything is written)."""
+    """Refuse to clobber work, or a tracker that is not installed; creates nothing (input is
+    validated before anything is written)."""
+    check_tracker(args.report_to)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise KaikaError(f"output_dir {out} exists and is a file")
@@ -183,7 +207,8 @@ def training_arguments(
         bf16=dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
-        report_to=[],
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        run_name=out.name,  # the run's name in W&B and MLflow
         disable_tqdm=False,  # transformers ties the bar to its log level, which the CLI keeps quiet
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
@@ -229,6 +254,13 @@ def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
     out = Path(t.output_dir)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback())
+    # First in line: every later callback (the JSON log, TensorBoard, W&B, MLflow) sees tokens/s in the logs.
+    trainer.callback_handler.callbacks.insert(0, TokensPerSecond())
+    for cb in trainer.callback_handler.callbacks:
+        if (
+            type(cb).__name__ == "TensorBoardCallback" and cb.logging_dir is None
+        ):  # TENSORBOARD_LOGGING_DIR unset
+            cb.logging_dir = str(out / TENSORBOARD_DIR)
     planned = StopAtPlannedSteps()
     trainer.add_callback(planned)
     start = time.perf_counter()
@@ -243,6 +275,10 @@ def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
     seconds = time.perf_counter() - start
     if evaluate and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
         trainer.evaluate()
+    if t.report_to == "wandb" and is_main_process():
+        import wandb
+
+        wandb.finish()  # transformers leaves the W&B run open: the next run (a sweep's) would log into it
     return Fitted(trainer, seconds, planned.start_tokens)
 
 
@@ -300,6 +336,24 @@ PREFERENCE_LOGS = {
 }
 
 
+class TokensPerSecond(TrainerCallback):
+    """Adds ``tokens_per_s`` (non-pad tokens trained since the previous log, per second) to each
+    training log, for the JSON log and every tracker."""
+
+    def __init__(self):
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self._last is None or not state.num_input_tokens_seen:
+            return  # 0: not counted
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        logs["tokens_per_s"] = round((seen - self._last[1]) / max(now - self._last[0], 1e-9), 2)
+        self._last = (now, seen)
+
+
 class JsonlLogCallback(TrainerCallback):
     """One JSON line per log event: step, loss, eval_loss, lr, tokens/s (non-pad tokens); for
     preference tuning also the reward margin and accuracy and the answers' log-probabilities
@@ -307,10 +361,6 @@ class JsonlLogCallback(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = path
-        self._last: tuple[float, int] | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._last = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -329,10 +379,8 @@ class JsonlLogCallback(TrainerCallback):
             for prefix in ("", "eval_"):
                 if prefix + key in logs:
                     row[prefix + name] = float(logs[prefix + key])
-        if "loss" in logs and self._last is not None and state.num_input_tokens_seen:  # 0: not counted
-            now, seen = time.perf_counter(), state.num_input_tokens_seen
-            row["tokens_per_s"] = round((seen - self._last[1]) / max(now - self._last[0], 1e-9), 2)
-            self._last = (now, seen)
+        if "tokens_per_s" in logs:
+            row["tokens_per_s"] = logs["tokens_per_s"]
         if len(row) > 2:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:
