@@ -9,6 +9,24 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-llamacpp",
+        action="store_true",
+        help="Also run the llama.cpp tests (llama-cpp-python built from source: scripts/test-llamacpp.sh)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The llama.cpp tests are opt-in: building llama.cpp takes longer than the whole default run."""
+    if config.getoption("--run-llamacpp"):
+        return
+    kept = [i for i in items if "llamacpp" not in i.keywords]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "llamacpp" in i.keywords])
+        items[:] = kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _kaika_cache(tmp_path_factory):
     """Builtin models are built into a per-session cache, never the user's."""

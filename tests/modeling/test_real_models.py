@@ -169,3 +169,18 @@ def test_merge_equals_base_plus_adapter(trained_bf16):
     if name == "gemma-3-270m":  # the base's terms travel with the model made from it
         assert (root / "merged" / "base_model" / "GEMMA_TERMS.html").is_file()
         assert "license: gemma" in (root / "merged" / "README.md").read_text()
+
+
+@pytest.mark.llamacpp
+def test_the_exported_gguf_runs_in_llamacpp(tmp_path_factory):
+    """The bf16-trained gemma adapter, exported (merged, f16), answers in llama.cpp with the taught
+    answer, token for token as base + adapter does (tests/inference/test_llamacpp.py)."""
+    from kaika.inference.export import export
+    from kaika.inference.generate import load_for_inference
+    from llamacpp_check import check_in_llamacpp
+
+    _, _, root, _ = train_once("gemma-3-270m", "bfloat16", tmp_path_factory)
+    r = export(root / "run", root / "gguf", quant="f16")
+    loaded = load_for_inference(root / "run", dtype="float32")  # base + adapter: what the merge equals
+    tokens = check_in_llamacpp(r.gguf_file, loaded.template, loaded.tokenizer, loaded.model, PROMPTS[0], 24)
+    assert loaded.tokenizer.decode(tokens) == ANSWER
