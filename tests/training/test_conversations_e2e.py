@@ -3,7 +3,7 @@
 * tiny-bloom-ja (kaika's template, multi-turn form): the shipped ``seed-chats-ja`` mixed with Alpaca
   records, plain and packed; the data report counts what was done; ``kaika serve`` answers the
   official openai client's multi-turn chat exactly as kaika's own generation does.
-* gemma-3-270m in bfloat16 (slow): ``--template auto`` picks its chat template for conversations;
+* gemma-3-270m in the dtype users train in (bf16 where the CPU computes it; slow): ``--template auto`` picks its chat template for conversations;
   the answer taught in the second turn of conversations comes back, ending at ``<end_of_turn>``.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_kaika, seed_records, write_jsonl
+from helpers import run_kaika, seed_records, train_dtype, write_jsonl
 
 HISTORY = [
     {"role": "system", "content": "丁寧に答えてください。"},
@@ -98,7 +98,7 @@ def test_gemma_learns_a_second_turn_with_its_own_chat_template(tmp_path):
              for i, p in enumerate(PROMPTS)]  # fmt: skip
     data = write_jsonl(tmp_path / "chats.jsonl", chats)
     log = run_kaika(
-        "train", "--base-model", "gemma-3-270m", "--dtype", "bfloat16", "--data", str(data), "--cutoff-len", "128",
+        "train", "--base-model", "gemma-3-270m", "--dtype", train_dtype(), "--data", str(data), "--cutoff-len", "128",
         "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "10", "--scheduler", "constant",
         "--lr", "3e-3", "--lora-r", "8", "--lora-alpha", "16", "--output-dir", "run", cwd=tmp_path,
     )  # fmt: skip

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import build_model, seed_records, write_bloom_gguf, write_jsonl
+from helpers import build_model, seed_records, write_jsonl
 from kaika.config import GenerateArgs, TrainConfig
 from kaika.errors import KaikaError
 from kaika.inference.generate import generate, load_for_inference
@@ -136,11 +136,10 @@ def test_quantization_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_gguf_base_model(tmp_path, ja_tokenizer):
-    from transformers import AutoModelForCausalLM
+    from kaika.inference.export import export
 
-    base = AutoModelForCausalLM.from_pretrained(build_model("bloom", ja_tokenizer, tmp_path / "base"))
-    (tmp_path / "gguf").mkdir()
-    gguf_path = write_bloom_gguf(base, ja_tokenizer, tmp_path / "gguf" / "tiny-bloom.gguf")
+    # A GGUF file as llama.cpp users have them: kaika export's, of a tiny BLOOM
+    gguf_path = export(build_model("bloom", ja_tokenizer, tmp_path / "base"), tmp_path / "gguf").gguf_file
     records = seed_records(max_chars=60)[:2]
     result = train(make_config(tmp_path, str(gguf_path), records, max_steps=2))
     assert (result.output_dir / "adapter_model.safetensors").is_file() and result.global_step == 2

@@ -17,8 +17,6 @@ Modelfile, and only then move the directory into place. A failed export leaves n
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +26,9 @@ from kaika.data.messages import jinja_chat_template
 from kaika.data.prompts import ChatTemplate, Template
 from kaika.data.segments import prompt_ids, stop_ids
 from kaika.errors import KaikaError
-from kaika.guard import check_inputs_outside, replace_owned
+from kaika.guard import check_inputs_outside
 from kaika.inference.card import Check, base_facts, model_card
-from kaika.inference.merge import Merged, check_out_dir, compare, merge_in_memory, save_notices
+from kaika.inference.merge import Merged, check_out_dir, compare, merge_in_memory, save_notices, written_aside
 from kaika.inference.ollama import modelfile
 from kaika.modeling.to_gguf import QUANTS, reader_config, write_gguf
 from kaika.modeling.verify import masked_logits
@@ -86,9 +84,7 @@ def export(
     chat = template.source if isinstance(template, ChatTemplate) else jinja_chat_template(template)
     licence = base_facts(m.cfg.model.base_model).get("license")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with written_aside(out_dir) as tmp:
         written = write_gguf(
             m.model,
             tokenizer,
@@ -134,11 +130,6 @@ def export(
                 modelfile(name, template, tokenizer, stop_texts, notice), encoding="utf-8"
             )
         files = sorted(p.name for p in tmp.iterdir())
-        if out_dir.exists():  # --force: checked above, and again now, that kaika wrote it
-            replace_owned(out_dir, "--force")
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "GGUF %s written to %s (read back: max |Δlogit| %.2e vs the written weights; %s moves the logits by %.2e)",
         quant,

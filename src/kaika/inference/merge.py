@@ -8,9 +8,11 @@ only then rename it into place. A failed or interrupted merge leaves no half-wri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -117,9 +119,7 @@ def merge(
     m = merge_in_memory(run)
     merged = m.model.to(DTYPES[dtype])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with written_aside(out_dir) as tmp:
         write_checkpoint(merged, m.tokenizer, m.template, m.cfg, tmp, max_shard_size)
         save_notices(m.run, tmp)
         # The files are the merged weights (the rule of every save: tensors bit for bit, logits of the
@@ -131,13 +131,24 @@ def merge(
         check = Check(m.diff, m.tol, m.trained_quantized, dtype=dtype, rounding=rounding)
         (tmp / "README.md").write_text(model_card(m.cfg, m.template, adapter_dir, check), encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
-        if out_dir.exists():  # --force: checked above, and again now, that kaika wrote it
+    log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, m.diff, m.tol)
+    return MergeResult(out_dir, m.diff, m.tol, rounding, dtype, files)
+
+
+@contextlib.contextmanager
+def written_aside(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside ``out_dir`` to write a model into; once the block has written and
+    checked it, it is renamed to ``out_dir`` (a previous one, which ``--force`` allowed, goes first:
+    checked again now that kaika wrote it). A failure leaves nothing behind."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
             replace_owned(out_dir, "--force")
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, m.diff, m.tol)
-    return MergeResult(out_dir, m.diff, m.tol, rounding, dtype, files)
 
 
 def save_notices(run: RunDir, out: Path) -> None:
