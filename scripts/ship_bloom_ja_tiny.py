@@ -2,7 +2,10 @@
 """Copy what the builtin bloom-ja-tiny needs from a finished ``kaika pretrain`` run into the package,
 with a model card that records where it came from.
 
-    python scripts/ship_bloom_ja_tiny.py runs/bloom-ja-tiny COMMIT "COMMAND" WALL_MINUTES
+    python scripts/ship_bloom_ja_tiny.py runs/bloom-ja-tiny COMMIT "COMMAND" WALL_MINUTES ["MACHINE"] [PREVIOUS]
+
+MACHINE says where it ran (default: 2 CPU cores shared with other jobs); PREVIOUS, the held-out
+perplexity of the model it replaces, is shown beside the new one.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ FILES = (
 TARGET = Path(__file__).resolve().parents[1] / "src" / "kaika" / "assets" / "bloom-ja-tiny"
 
 
-def main(run: str, commit: str, command: str, wall_minutes: str) -> None:
+def main(
+    run: str,
+    commit: str,
+    command: str,
+    wall_minutes: str,
+    machine: str = "2 CPU cores shared with other jobs",
+    previous: str | None = None,
+) -> None:
     run_dir = Path(run)
     report = json.loads((run_dir / "pretrain_report.json").read_text(encoding="utf-8"))
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
@@ -43,6 +53,7 @@ def main(run: str, commit: str, command: str, wall_minutes: str) -> None:
     # Tokenizer-independent: the same total loss spread over characters instead of tokens.
     per_char = math.exp(held["loss"] * held["tokens"] / held_chars)
     row_tokens = cfg.pretrain.cutoff_len * cfg.train.batch_size
+    replaced = f"; the model it replaced: {float(previous):.1f}" if previous else ""
     card = f"""# bloom-ja-tiny (kaika builtin)
 
 A small BLOOM language model trained from scratch by `kaika pretrain` on public-domain Japanese
@@ -57,8 +68,8 @@ any real use.
 | tokenizer | byte-level BPE, {config["vocab_size"]:,} tokens (`<unk>`, `<s>`, `</s>`, `<pad>` = 0–3), trained on the training text only |
 | training text | {train["documents"]} works, {train["characters"]:,} characters, {train["tokens"]:,} tokens ({train["chars_per_token"]} characters per token) |
 | rows | {train["cutoff_len"]} tokens, documents packed with EOS between them; attention and ALiBi positions restart per work |
-| trained | {report["global_step"]} steps × {row_tokens:,} tokens = {report["tokens_seen"]:,} tokens seen (about {report["tokens_seen"] / train["tokens"]:.2f} epoch), {wall_minutes} min wall on 2 CPU cores shared with other jobs |
-| held-out perplexity | **{held["perplexity"]:.1f}** per token (loss {held["loss"]:.3f} nats, {held["tokens"]:,} tokens) — {per_char:.2f} per character ({held_chars:,} characters) |
+| trained | {report["global_step"]} steps × {row_tokens:,} tokens = {report["tokens_seen"]:,} tokens seen (about {report["tokens_seen"] / train["tokens"]:.2f} epoch), {wall_minutes} min wall on {machine} |
+| held-out perplexity | **{held["perplexity"]:.1f}** per token (loss {held["loss"]:.3f} nats, {held["tokens"]:,} tokens) — {per_char:.2f} per character ({held_chars:,} characters){replaced} |
 
 Held out, never seen in training (tokenizer included): 『文鳥』, 『私の個人主義』, 『硝子戸の中』.
 
@@ -89,4 +100,4 @@ torch build and thread count; other builds give a model of the same quality, not
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:7])
