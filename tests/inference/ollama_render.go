@@ -1,6 +1,7 @@
 // Renders an Ollama Modelfile TEMPLATE with Go's text/template, the engine Ollama renders prompts
-// with, over the data Ollama gives a chat request: .System (the system messages joined by blank
-// lines), .Messages (.Role, .Content), .Prompt and .Response (empty for chat).
+// with, over the data Ollama gives a chat request (after its collate step, ported below): .System
+// (the system messages joined by blank lines), .Messages (.Role, .Content; consecutive messages of
+// one role merged), .Prompt and .Response (empty for chat).
 // Input on stdin: {"template": "...", "messages": [{"role": "...", "content": "..."}]}; output: the prompt.
 package main
 
@@ -28,11 +29,19 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bad input:", err)
 		os.Exit(2)
 	}
+	// Ollama's collate: consecutive messages of one role are merged with a blank line between them,
+	// and .System joins the system messages.
+	var msgs []Message
 	var system []string
 	for _, m := range req.Messages {
 		if m.Role == "system" {
 			system = append(system, m.Content)
 		}
+		if n := len(msgs); n > 0 && msgs[n-1].Role == m.Role {
+			msgs[n-1].Content += "\n\n" + m.Content
+			continue
+		}
+		msgs = append(msgs, m)
 	}
 	tmpl, err := template.New("").Option("missingkey=zero").Parse(req.Template)
 	if err != nil {
@@ -41,7 +50,7 @@ func main() {
 	}
 	data := map[string]any{
 		"System":   strings.Join(system, "\n\n"),
-		"Messages": req.Messages,
+		"Messages": msgs,
 		"Prompt":   "",
 		"Response": "",
 	}

@@ -219,7 +219,14 @@ def test_the_modelfile_template_renders_kaikas_prompt(tmp_path, ollama_render, t
     tmpl = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     kaika_template, tokenizer = load_template(template), run_tokenizer(adapter)
     add_bos = read_gguf(r.gguf_file)[1]("tokenizer.ggml.add_bos_token")
-    for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[:2]):
+    odd = [  # what kaika's turns make of system messages anywhere, runs of one role, an answer first
+        [{"role": "user", "content": "猫の名前は？"}, {"role": "system", "content": "短く。"}]
+        + [{"role": "user", "content": "それと年齢は？"}, {"role": "developer", "content": "敬語で。"}],
+        [{"role": "assistant", "content": "こんにちは。"}, {"role": "user", "content": "猫の名前は？"}],
+        CONVERSATION[:3] + [{"role": "assistant", "content": "続きです。"}, *CONVERSATION[3:]],
+        [{"role": "system", "content": ""}, *CONVERSATION[1:]],
+    ]
+    for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[:2], *odd):
         text = ollama_render(tmpl, messages)
         assert ollama_ids(tokenizer, text, add_bos) == prompt_ids(kaika_template, tokenizer, messages), (
             messages

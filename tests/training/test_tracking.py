@@ -21,7 +21,8 @@ def tiny_run(tmp_path, report_to: str) -> tuple[TrainConfig, list[dict]]:
     cfg.data.cutoff_len, cfg.data.val_set_size = 64, 4
     cfg.train.output_dir = str(tmp_path / "run")
     cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.max_steps = 4, 4, 4
-    cfg.train.logging_steps, cfg.train.eval_steps, cfg.train.report_to = 1, 2, report_to
+    # eval at step 3 and at the last step, 4 (inside training: trackers close their run at train end)
+    cfg.train.logging_steps, cfg.train.eval_steps, cfg.train.report_to = 1, 3, report_to
     train(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
     return cfg, log

@@ -11,6 +11,7 @@ Everything is read from the run directory (kaika's file names: :mod:`kaika.rundi
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from kaika.config import TrainConfig
 from kaika.data.prompts import PromptTemplate, Template
 from kaika.modeling.builtin import BUILTIN_CARDS
 from kaika.rundir import BASE_NOTICES, EVAL_DIR, EVAL_SUMMARY, MERGED_CONFIG_FILE, REPORT_FILE
+
+log = logging.getLogger(__name__)
 
 # Task files whose hub dataset is known, for model-index (kaika ships ELYZA-tasks-100 for evaluation).
 HUB_DATASETS = {"elyza-tasks-100": "elyza/ELYZA-tasks-100", "elyza_tasks_100": "elyza/ELYZA-tasks-100"}
@@ -98,40 +101,32 @@ def base_facts(base: str) -> dict[str, Any]:
 
 def eval_results(run_dir: Path) -> list[dict[str, Any]]:
     """The run's own evaluations: ``kaika eval generate … --output-dir RUN/eval/NAME`` summaries and
-    ``kaika eval loss … --json RUN/eval/NAME.json`` files, for the tuned model (not its base)."""
+    ``kaika eval loss … --json RUN/eval/NAME.json`` files, for the tuned model (and its base beside
+    it). A file that is not what kaika eval writes is left out with a warning: a card is no reason
+    to lose an export."""
     results = []
-    for summary_file in sorted((run_dir / EVAL_DIR).glob(f"*/{EVAL_SUMMARY}")):
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        models = summary.get("models", {})
-        tuned = models.get("adapter") or models.get("model")
-        if not tuned:
-            continue
-        name = Path(summary.get("tasks_file", summary_file.parent.name)).stem
-        base = models.get("base") if "adapter" in models else None
-        for metric in ("chrf", "stop_rate", "repetition", "judge_mean"):
-            if tuned.get(metric) is not None:
-                results.append(
-                    {
-                        "dataset": name,
-                        "metric": metric,
-                        "value": tuned[metric],
-                        "base": (base or {}).get(metric),
-                    }
-                )
-    for loss_file in sorted((run_dir / EVAL_DIR).glob("*.json")):
-        data = json.loads(loss_file.read_text(encoding="utf-8"))
-        tuned = data.get("adapter") or data.get("model") if isinstance(data, dict) else None
-        if isinstance(tuned, dict) and "loss" in tuned:
-            base = data.get("base", {}) if "adapter" in data else {}
-            for metric in ("loss", "perplexity"):
-                results.append(
-                    {
-                        "dataset": loss_file.stem,
-                        "metric": metric,
-                        "value": tuned[metric],
-                        "base": base.get(metric),
-                    }
-                )
+    sources = [(f, "summary") for f in sorted((run_dir / EVAL_DIR).glob(f"*/{EVAL_SUMMARY}"))]
+    sources += [(f, "loss") for f in sorted((run_dir / EVAL_DIR).glob("*.json"))]
+    for path, kind in sources:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if kind == "summary":
+                models = data["models"]
+                name = Path(data.get("tasks_file") or path.parent.name).stem
+                metrics = ("chrf", "stop_rate", "repetition", "judge_mean")
+            else:
+                models, name, metrics = data, path.stem, ("loss", "perplexity")
+            tuned = models.get("adapter") or models.get("model")
+            base = (models.get("base") or {}) if "adapter" in models else {}
+            if not isinstance(tuned, dict):
+                continue
+            for metric in metrics:
+                if tuned.get(metric) is not None:
+                    value, before = float(tuned[metric]), base.get(metric)
+                    before = None if before is None else float(before)
+                    results.append({"dataset": name, "metric": metric, "value": value, "base": before})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("model card: %s is not a kaika eval result (%s); left out", path, e)
     return results
 
 
@@ -143,7 +138,7 @@ def data_report(run_dir: Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- the card
 
 
-def card_data(cfg: TrainConfig, run_dir: Path, kind: str, model_name: str, trained: bool = True):
+def card_data(cfg: TrainConfig, run_dir: Path, kind: str, model_name: str, check: Check):
     """The hub's YAML metadata (``huggingface_hub.ModelCardData``)."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -158,15 +153,17 @@ def card_data(cfg: TrainConfig, run_dir: Path, kind: str, model_name: str, train
         )
         for r in eval_results(run_dir)
     ]
-    tags = ["kaika", "lora", "japanese"] + (["gguf", "llama.cpp"] if kind == "gguf" else ["merged"])
-    relation = "finetune" if trained else "quantized"
+    adapted = check.trained or bool(check.merge_tol)  # a kaika run, or an adapter merged here
+    tags = ["kaika"] + (["lora"] if adapted else []) + ["japanese"]
+    tags += ["gguf", "llama.cpp"] if kind == "gguf" else ["merged"]
+    relation = "finetune" if adapted else "quantized"
     return ModelCardData(
         base_model=base.get("hub_id"),
         base_model_relation=relation if base.get("hub_id") else None,
         license=base.get("license"),
         license_name=base.get("license_name") if base.get("license") == "other" else None,
         license_link=base.get("license_link") if base.get("license") == "other" else None,
-        datasets=[d for d in cfg.data.data if is_hub_id(d)] or None if trained else None,
+        datasets=([d for d in cfg.data.data if is_hub_id(d)] or None) if check.trained else None,
         language=["ja"],
         library_name="transformers" if kind == "merged" else None,
         pipeline_tag="text-generation",
@@ -192,7 +189,7 @@ def licence_line(cfg: TrainConfig) -> str:
 def model_card(cfg: TrainConfig, template: Template, source: Path, check: Check) -> str:
     """The whole README.md: hub metadata, then the body."""
     kind = "gguf" if check.gguf_file else "merged"
-    data = card_data(cfg, source, kind, source.resolve().name, check.trained)
+    data = card_data(cfg, source, kind, source.resolve().name, check)
     return f"---\n{data.to_yaml()}\n---\n\n" + card_body(cfg, template, source, check)
 
 

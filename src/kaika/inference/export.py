@@ -30,7 +30,7 @@ from kaika.guard import check_inputs_outside
 from kaika.inference.card import Check, base_facts, model_card
 from kaika.inference.merge import Merged, check_out_dir, compare, merge_in_memory, save_notices, written_aside
 from kaika.inference.ollama import modelfile
-from kaika.modeling.to_gguf import QUANTS, reader_config, write_gguf
+from kaika.modeling.to_gguf import QUANTS, reader_config, rope_of, write_gguf
 from kaika.modeling.verify import masked_logits
 from kaika.rundir import MERGED_CONFIG_FILE, RunDir, save_config, save_template
 
@@ -96,7 +96,7 @@ def export(
             add_bos=prompts_start_with_bos(template, tokenizer),
             metadata={"license": licence} if licence else None,
         )
-        if written.weight_error > WEIGHT_RTOL[quant]:
+        if not written.weight_error <= WEIGHT_RTOL[quant]:  # NaN included
             raise KaikaError(
                 f"GGUF export: {quant} rounding changed a weight matrix by {written.weight_error:.2e} (relative "
                 f"RMS), more than the {WEIGHT_RTOL[quant]:.0e} expected of it; nothing was written. Try --quant f16"
@@ -205,7 +205,9 @@ def check_hyperparameters(read: dict, config) -> None:
     for key, value in read.items():
         if key.endswith("_token_id") or key.startswith("_") or not isinstance(value, int | float):
             continue
-        mine = getattr(config, key, None)
+        mine = (
+            rope_of(config, "full_attention")["theta"] if key == "rope_theta" else getattr(config, key, None)
+        )
         if not isinstance(mine, int | float) or isinstance(mine, bool):
             continue
         if abs(float(value) - float(mine)) > 1e-6 * max(abs(float(mine)), 1e-6):

@@ -37,38 +37,58 @@ def go(text: str) -> str:
 
 
 def kaika_go_template(template: PromptTemplate, eos: str) -> str:
-    """Go template rendering :func:`kaika.data.messages.kaika_pieces` with EOS after each answer."""
+    """Go template rendering :func:`kaika.data.messages.kaika_pieces` with EOS after each answer.
 
-    def fill(text: str, **slots: str) -> str:
-        """Literal pieces of ``text`` with its ``{slot}`` placeholders replaced by Go expressions."""
-        out, rest = [], text
-        while rest:
-            at = min(((rest.find("{" + k + "}"), k) for k in slots if "{" + k + "}" in rest), default=None)
-            if at is None:
-                out.append(go(rest))
-                break
-            i, key = at
-            if i:
-                out.append(go(rest[:i]))
-            out.append("{{- " + slots[key] + " -}}")
-            rest = rest[i + len(key) + 2 :]
-        return "".join(out)
+    It rebuilds kaika's turns from ``.Messages`` as :func:`~kaika.data.messages.kaika_turns` does, not
+    from Ollama's ``.System``: the system text is the non-empty system (and developer) messages joined
+    by blank lines, wherever they stand, and a run of turns of one role (system messages between them
+    left out) is one turn joined by blank lines. A prompt is written in two halves around its
+    instruction, opened when a user turn starts and closed when the turn ends; an answer is closed
+    by EOS."""
 
-    first_input = fill(template.prompt_input, instruction="$q", input="$.System")
-    first_plain = fill(template.prompt_no_input, instruction="$q")
-    later = fill(template.prompt_turn or template.prompt_no_input, instruction="$q")
+    def fill(text: str) -> str:
+        """``text`` (no ``{instruction}`` in it) as Go actions, its ``{input}`` the system text."""
+        first, *rest = text.split("{input}")
+        return (go(first) if first else "") + "".join("{{- $sys -}}" + (go(p) if p else "") for p in rest)
+
+    def halves(text: str) -> tuple[str, str]:
+        before, _, after = text.partition("{instruction}")
+        return fill(before), fill(after)
+
+    with_input, plain = halves(template.prompt_input), halves(template.prompt_no_input)
+    later = halves(template.prompt_turn or template.prompt_no_input)
+    first_open = "{{- if $sys -}}" + with_input[0] + "{{- else -}}" + plain[0] + "{{- end -}}"
+    first_close = "{{- if $sys -}}" + with_input[1] + "{{- else -}}" + plain[1] + "{{- end -}}"
+    close = (  # the open turn ends: a prompt's second half, or an answer's EOS
+        '{{- if eq $open "user" -}}{{- if $openFirst -}}'
+        + first_close
+        + "{{- else -}}"
+        + later[1]
+        + "{{- end -}}"
+        '{{- else if eq $open "assistant" -}}' + go(eos) + "{{- end -}}"
+    )
     return (
-        "{{- $first := true -}}"
+        '{{- $sys := "" -}}'
         "{{- range .Messages -}}"
-        '{{- if or (eq .Role "user") (and (eq .Role "assistant") $first) -}}'
-        '{{- $q := "" -}}{{- if eq .Role "user" -}}{{- $q = .Content -}}{{- end -}}'
-        "{{- if $first -}}"
-        "{{- if $.System -}}" + first_input + "{{- else -}}" + first_plain + "{{- end -}}"
-        "{{- $first = false -}}"
-        "{{- else -}}" + later + "{{- end -}}"
+        '{{- if and (or (eq .Role "system") (eq .Role "developer")) .Content -}}'
+        '{{- if $sys -}}{{- $sys = printf "%s\n\n%s" $sys .Content -}}{{- else -}}{{- $sys = .Content -}}{{- end -}}'
         "{{- end -}}"
-        '{{- if eq .Role "assistant" -}}{{- .Content -}}' + go(eos) + "{{- end -}}"
         "{{- end -}}"
+        '{{- $open := "" -}}{{- $openFirst := false -}}{{- $first := true -}}'
+        "{{- range .Messages -}}"
+        '{{- if or (eq .Role "user") (eq .Role "assistant") -}}'
+        "{{- if eq .Role $open -}}"
+        '{{- "\n\n" -}}'
+        "{{- else -}}" + close + '{{- if eq .Role "user" -}}'
+        "{{- if $first -}}" + first_open + "{{- else -}}" + later[0] + "{{- end -}}"
+        "{{- $openFirst = $first -}}"
+        "{{- else if $first -}}" + first_open + first_close + "{{- $openFirst = false -}}"
+        "{{- end -}}"
+        "{{- $open = .Role -}}{{- $first = false -}}"
+        "{{- end -}}"
+        "{{- .Content -}}"
+        "{{- end -}}"
+        "{{- end -}}" + close
     )
 
 
@@ -195,7 +215,9 @@ def modelfile(
         lines += ["# No TEMPLATE: Ollama chooses one from the chat template in the GGUF file.", ""]
     else:
         lines += [f'TEMPLATE """{tmpl}"""', ""]
-    lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
+    # Ollama strips a value's quotes and does not unescape it: a stop with a quote or a line break in
+    # it cannot be written (kaika's stops are tokens such as <eos>, </s>, <end_of_turn>).
+    lines += [f'PARAMETER stop "{s}"' for s in stops if not set(s) & set('"\\\n')]
     # kaika generate's defaults (greedy decoding; Ollama's temperature 0 is greedy too)
     lines += [
         f"PARAMETER temperature {d.temperature:g}",

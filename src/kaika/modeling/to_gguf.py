@@ -50,7 +50,7 @@ def _gguf():
 # --------------------------------------------------------------------------- tensor layouts
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: it holds an array
 class Layout:
     """How llama.cpp lays out a tensor that transformers holds as ``x``: file row ``i`` is model row
     ``rows[i]``; ``transpose``: the file holds ``x.T``; ``shift``: the file holds ``x + shift``."""
@@ -145,7 +145,6 @@ def llama_like_params(w, c) -> None:
 
 def llama_params(w, c) -> None:
     llama_like_params(w, c)
-    w.add_vocab_size(c.vocab_size)
     w.add_rope_dimension_count(head_dim_of(c))
     write_rope(w, c)
 
@@ -379,13 +378,15 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> Vocab:
         raise KaikaError(
             f"GGUF export: the tokenizer has ids up to {max(by_id)} but the model's embedding has {vocab_size} rows"
         )
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    merges = [" ".join(p) for p in pairs]
     spm = bool(model.get("byte_fallback"))
+    special = set(getattr(tokenizer, "all_special_ids", []))
     tokens, types, scores = [], [], []
     merge_rank = {}
     if spm:  # llama.cpp merges the pair whose result scores highest: the earlier merge, the higher
-        for rank, m in enumerate(merges):
-            merge_rank.setdefault(m.replace(" ", ""), rank)
+        for rank, pair in enumerate(pairs):
+            merge_rank.setdefault("".join(pair), rank)
     for i in range(vocab_size):
         text = by_id.get(i)
         if text is None:
@@ -394,7 +395,10 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> Vocab:
             scores.append(-10000.0)
             continue
         tokens.append(text)
-        if i in added:
+        if i in special and i not in added:  # a special token of the model's own vocabulary
+            types.append(gguf.TokenType.CONTROL)
+            scores.append(-1000.0)
+        elif i in added:
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
             scores.append(-1000.0)
         elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
@@ -403,6 +407,10 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> Vocab:
         else:
             types.append(gguf.TokenType.NORMAL)
             scores.append(-float(merge_rank.get(text, len(merges) + i)))
+    if len(set(tokens)) < len(tokens):  # llama.cpp refuses a vocabulary with a token twice
+        seen: set[str] = set()
+        twice = sorted({t for t in tokens if t in seen or seen.add(t)})
+        raise KaikaError(f"GGUF export: the tokenizer has tokens twice under different ids: {twice[:5]}")
     if spm:
         return Vocab(
             "llama", "default", tokens, types, scores=scores, add_space_prefix=adds_space_prefix(spec)
@@ -530,7 +538,7 @@ def write_gguf(
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected: dict[str, torch.Tensor] = {}
     kept_f16: list[str] = []
-    weight_error = 0.0
+    errors: list[float] = []
     for key, tensor in model.state_dict().items():
         if key.endswith(arch.skip) or (tied and key == "lm_head.weight"):
             continue
@@ -552,8 +560,7 @@ def write_gguf(
         w.add_tensor(target, stored, raw_dtype=kind)
         back = gguf.quants.dequantize(stored, kind).astype(np.float32)
         if not keep_f32:
-            error = float(np.linalg.norm(back - data) / max(float(np.linalg.norm(data)), 1e-30))
-            weight_error = max(weight_error, error)
+            errors.append(float(np.linalg.norm(back - data) / max(float(np.linalg.norm(data)), 1e-30)))
         expected[key] = torch.from_numpy(layout.from_file(back))
     if kept_f16:
         log.warning(
@@ -566,6 +573,7 @@ def write_gguf(
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=True)
     w.close()
+    weight_error = float(np.max(errors)) if errors else 0.0  # NaN, if one matrix went NaN
     return GgufWritten(
         path, arch.name.lower(), quant, expected, kept_f16, weight_error, len(vocab.tokens), vocab.pre
     )

@@ -54,12 +54,6 @@ def world_size() -> int:
 # --------------------------------------------------------------------------- output directory
 
 
-# --report-to: the module each tracker needs, and the extra that installs it
-TRACKERS = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"),
-}
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -263,23 +257,37 @@ def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
             cb.logging_dir = str(out / TENSORBOARD_DIR)
     planned = StopAtPlannedSteps()
     trainer.add_callback(planned)
+    if evaluate:
+        trainer.add_callback(EvaluateLastStep())
     start = time.perf_counter()
-    with guarded_training(trainer, t.resume, out / LOG_FILE) as resume_from:  # signals, nan/inf, disk
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except PlannedStepsDone as done:
-            for cb in trainer.callback_handler.callbacks:  # the bar opened at train begin
-                if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
-                    cb.training_bar.close()
-            log.info("%s; saving it", done)
-    seconds = time.perf_counter() - start
-    if evaluate and trainer.state.global_step % t.eval_steps:  # the last step was not evaluated yet
-        trainer.evaluate()
-    if t.report_to == "wandb" and is_main_process():
-        import wandb
+    try:
+        with guarded_training(trainer, t.resume, out / LOG_FILE) as resume_from:  # signals, nan/inf, disk
+            try:
+                trainer.train(resume_from_checkpoint=resume_from)
+            except PlannedStepsDone as done:
+                for cb in trainer.callback_handler.callbacks:  # the bar opened at train begin
+                    if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+                        cb.training_bar.close()
+                log.info("%s; saving it", done)
+    finally:
+        if t.report_to == "wandb" and is_main_process():
+            import wandb
 
-        wandb.finish()  # transformers leaves the W&B run open: the next run (a sweep's) would log into it
+            wandb.finish()  # transformers leaves the W&B run open: the next run (a sweep's) would log into it
+    seconds = time.perf_counter() - start
+    last = trainer.state.global_step
+    if evaluate and not any("eval_loss" in h and h.get("step") == last for h in trainer.state.log_history):
+        trainer.evaluate()  # a resume with nothing left to train: its last step's evaluation
     return Fitted(trainer, seconds, planned.start_tokens)
+
+
+class EvaluateLastStep(TrainerCallback):
+    """The last step is evaluated inside training, like every eval_steps-th one, so that trackers
+    get it before they close their run at train end (MLflow would open a second one for it)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_evaluate = True
 
 
 class PlannedStepsDone(Exception):
