@@ -71,15 +71,13 @@ def kaika_go_template(template: PromptTemplate, eos: str) -> str:
         '{{- $sys := "" -}}'
         "{{- range .Messages -}}"
         '{{- if and (or (eq .Role "system") (eq .Role "developer")) .Content -}}'
-        '{{- if $sys -}}{{- $sys = printf "%s\n\n%s" $sys .Content -}}{{- else -}}{{- $sys = .Content -}}{{- end -}}'
+        '{{- if $sys -}}{{- $sys = printf "%s\\n\\n%s" $sys .Content -}}{{- else -}}{{- $sys = .Content -}}{{- end -}}'
         "{{- end -}}"
         "{{- end -}}"
         '{{- $open := "" -}}{{- $openFirst := false -}}{{- $first := true -}}'
         "{{- range .Messages -}}"
         '{{- if or (eq .Role "user") (eq .Role "assistant") -}}'
-        "{{- if eq .Role $open -}}"
-        '{{- "\n\n" -}}'
-        "{{- else -}}" + close + '{{- if eq .Role "user" -}}'
+        "{{- if eq .Role $open -}}" + go("\n\n") + "{{- else -}}" + close + '{{- if eq .Role "user" -}}'
         "{{- if $first -}}" + first_open + "{{- else -}}" + later[0] + "{{- end -}}"
         "{{- $openFirst = $first -}}"
         "{{- else if $first -}}" + first_open + first_close + "{{- $openFirst = false -}}"
