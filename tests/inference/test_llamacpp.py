@@ -1,6 +1,7 @@
 """Exported GGUF files in llama.cpp itself (llama-cpp-python, built from source by
 scripts/test-llamacpp.sh): llama.cpp tokenizes kaika's prompt into kaika's ids, and its greedy
-continuation is the merged model's.
+continuation is the merged model's (each token its argmax, or a near-tie within what the
+file's rounding moves a logit).
 
 Opt-in (``--run-llamacpp``): building llama.cpp takes about 18 minutes on this project's 2-core
 machine, more than the default run affords. The models are real: the shipped bloom-ja-tiny (BLOOM,
@@ -28,5 +29,9 @@ def test_bloom_ja_tiny_runs_in_llamacpp(tmp_path, quant):
     r = export("bloom-ja-tiny", tmp_path / "out", quant=quant)
     args = ModelArgs(base_model="bloom-ja-tiny", dtype="float32")
     tokenizer, model = load_tokenizer(args), load_model(args)
-    tokens = check_in_llamacpp(r.gguf_file, load_template("alpaca_ja"), tokenizer, model, SOSEKI, 16)
+    # Twice the rounding's measured effect on a logit: a near-tie may flip (two logits, each moved).
+    tolerance = 2 * r.quant_diff
+    tokens = check_in_llamacpp(
+        r.gguf_file, load_template("alpaca_ja"), tokenizer, model, SOSEKI, 16, tolerance
+    )
     assert len(tokens) >= 4

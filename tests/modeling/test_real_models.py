@@ -186,5 +186,7 @@ def test_the_exported_gguf_runs_in_llamacpp(tmp_path_factory):
     _, _, root, _ = train_once("gemma-3-270m", train_dtype(), tmp_path_factory)
     r = export(root / "run", root / "gguf", quant="f16")
     loaded = load_for_inference(root / "run", dtype="float32")  # base + adapter: what the merge equals
-    tokens = check_in_llamacpp(r.gguf_file, loaded.template, loaded.tokenizer, loaded.model, PROMPTS[0], 24)
+    tokens = check_in_llamacpp(
+        r.gguf_file, loaded.template, loaded.tokenizer, loaded.model, PROMPTS[0], 24, 2 * r.quant_diff
+    )
     assert loaded.tokenizer.decode(tokens) == ANSWER
