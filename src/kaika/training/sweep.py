@@ -261,11 +261,13 @@ def results_markdown(records: list[RunRecord], runs: list[SweepRun]) -> str:
     budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
     lrs = {run.config.train.lr for run in runs}  # a grid over lr: each run's own, not the first's
     lr = f"lr {t.lr:g}" if len(lrs) == 1 else f"lr {', '.join(f'{v:g}' for v in sorted(lrs))} (per run)"
+    seeds = sorted({run.config.train.seed for run in runs})  # a grid over seeds: each run's own
+    seed = f"seed {t.seed}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (per run)"
     lines = [
         "# Sweep results",
         "",
         f"Base model `{cfg.model.base_model}`; data {', '.join(f'`{d}`' for d in cfg.data.data)}; "
-        f"{budget} at batch {t.batch_size}, {lr}, seed {t.seed}, cutoff {cfg.data.cutoff_len}. "
+        f"{budget} at batch {t.batch_size}, {lr}, {seed}, cutoff {cfg.data.cutoff_len}. "
         "Trainable parameters exclude LoRA entries that a q/k/v slice mask holds at zero. "
         "Wall time includes model loading and adapter verification.",
         "",
@@ -293,11 +295,17 @@ def plot_results(records: list[RunRecord], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     ok = [r for r in records if r.status == "ok" and r.eval_loss is not None and r.trainable_params]
     for variant in dict.fromkeys(r.variant for r in ok):
-        points = sorted((r.trainable_params, r.eval_loss, r.r) for r in ok if r.variant == variant)
-        xs, ys, ranks = zip(*points, strict=True)
-        ax.plot(xs, ys, "o-", label=variant)
-        for x, y, rank in points:
-            ax.annotate(f"r{rank}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # Runs of one size (other seeds, say) are drawn each, and the line goes through their mean.
+        sizes: dict[tuple[int, int], list[float]] = {}
+        for r in ok:
+            if r.variant == variant:
+                sizes.setdefault((r.trainable_params, r.r), []).append(r.eval_loss)
+        points = sorted((x, sum(ys) / len(ys), rank) for (x, rank), ys in sizes.items())
+        xs, means, _ = zip(*points, strict=True)
+        (line,) = ax.plot(xs, means, "-", label=variant)
+        for (x, rank), ys in sorted(sizes.items()):
+            ax.plot([x] * len(ys), ys, "o", color=line.get_color(), alpha=0.8 if len(ys) == 1 else 0.5)
+            ax.annotate(f"r{rank}", (x, max(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable LoRA parameters")
     ax.set_ylabel("eval loss (supervised tokens)")
