@@ -11,6 +11,11 @@ FLOPs by the GEMM rate of the run's dtype measured at the start of the same run
     python scripts/prepare_soseki.py ../shared/data/aozora_soseki runs/soseki
     .venv/bin/python benchmarks/pretrain_throughput.py --json benchmarks/results/cpu-pretrain.json
 
+The Sōseki works are longer than a row, so there a row rarely holds two documents; for short ones
+(several per row, where the block-diagonal mask has many blocks) give e.g. Dolly-ja's answers:
+``--data runs/data/dolly-ja-sample-1000.jsonl --text-field output`` (benchmarks/qkv_sweep_cpu.sh
+writes that sample).
+
 Useful FLOPs per token (every position is trained in pretraining): LoRA 4·P + 3·A + 4·V·h, full
 6·P + 3·A + 6·V·h, with P the decoder's linear parameters, V·h the output layer, and A = 4·L·d·n the
 attention over the n tokens a position may attend to (taken as the whole row: an upper bound for
@@ -42,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packing", nargs="+", default=["document", "stream"], choices=["document", "stream"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--data", default=str(ROOT / "runs" / "soseki" / "train.jsonl"))
+    p.add_argument("--text-field", default="text", help="the records' text field (e.g. output for Dolly)")
     p.add_argument("--rows", type=int, default=4, help="rows per step (micro batch = batch)")
     p.add_argument("--cutoff-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=6, help="steps per run; the first log is not counted")
@@ -85,6 +91,7 @@ def flops_per_token(dims: dict[str, int], mode: str, row: int) -> float:
 def run(args, base: str, mode: str, packing: str, out: Path) -> dict:
     cmd = [
         sys.executable, "-m", "kaika", "pretrain", "--base-model", base, "--data", args.data,
+        "--text-field", args.text_field,
         "--cutoff-len", str(args.cutoff_len), "--packing", packing, "--dtype", args.dtype,
         "--batch-size", str(args.rows), "--micro-batch-size", str(args.rows), "--max-steps", str(args.steps),
         "--logging-steps", str(args.logging_steps), "--save-steps", "100000", "--eval-steps", "100000",
