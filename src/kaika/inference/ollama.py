@@ -215,7 +215,13 @@ def modelfile(
         lines += [f'TEMPLATE """{tmpl}"""', ""]
     # Ollama strips a value's quotes and does not unescape it: a stop with a quote or a line break in
     # it cannot be written (kaika's stops are tokens such as <eos>, </s>, <end_of_turn>).
-    lines += [f'PARAMETER stop "{s}"' for s in stops if not set(s) & set('"\\\n')]
+    unwritable = [s for s in stops if set(s) & set('"\\\n')]
+    if unwritable:
+        log.warning(
+            "Modelfile: stop texts %s cannot be written for Ollama (a quote, backslash or line break); left out",
+            unwritable,
+        )
+    lines += [f'PARAMETER stop "{s}"' for s in stops if s not in unwritable]
     # kaika generate's defaults (greedy decoding; Ollama's temperature 0 is greedy too)
     lines += [
         f"PARAMETER temperature {d.temperature:g}",

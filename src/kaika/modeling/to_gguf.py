@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,9 +408,8 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> Vocab:
         else:
             types.append(gguf.TokenType.NORMAL)
             scores.append(-float(merge_rank.get(text, len(merges) + i)))
-    if len(set(tokens)) < len(tokens):  # llama.cpp refuses a vocabulary with a token twice
-        seen: set[str] = set()
-        twice = sorted({t for t in tokens if t in seen or seen.add(t)})
+    twice = sorted(t for t, count in Counter(tokens).items() if count > 1)
+    if twice:  # llama.cpp refuses a vocabulary with a token twice
         raise KaikaError(f"GGUF export: the tokenizer has tokens twice under different ids: {twice[:5]}")
     if spm:
         return Vocab(

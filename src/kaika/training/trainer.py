@@ -269,15 +269,17 @@ def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
                     if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
                         cb.training_bar.close()
                 log.info("%s; saving it", done)
+        seconds = time.perf_counter() - start
+        last = trainer.state.global_step
+        if evaluate and not any(
+            "eval_loss" in h and h.get("step") == last for h in trainer.state.log_history
+        ):
+            trainer.evaluate()  # a resume with nothing left to train: its last step's evaluation
     finally:
         if t.report_to == "wandb" and is_main_process():
             import wandb
 
             wandb.finish()  # transformers leaves the W&B run open: the next run (a sweep's) would log into it
-    seconds = time.perf_counter() - start
-    last = trainer.state.global_step
-    if evaluate and not any("eval_loss" in h and h.get("step") == last for h in trainer.state.log_history):
-        trainer.evaluate()  # a resume with nothing left to train: its last step's evaluation
     return Fitted(trainer, seconds, planned.start_tokens)
 
 
