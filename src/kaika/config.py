@@ -131,7 +131,9 @@ class ModelArgs(Checked):
         "float32, bfloat16 or float16.",
     )
     quantization: Quantization = option(
-        "none", "Load the base quantized with bitsandbytes: none, 8bit or 4bit (CUDA only)."
+        "none",
+        "Load the base quantized with bitsandbytes, on a GPU or the CPU: none, 8bit (LLM.int8) or 4bit "
+        "(QLoRA's NF4 with double quantization, computing in --dtype). LoRA weights stay float32.",
     )
     trust_remote_code: bool = option(False, "Allow model code from the hub (only for models you trust).")
     attention: Attention = option(

@@ -205,6 +205,16 @@ class DirLock:
                     f"another kaika process ({holder}) is writing to {self.path}; wait for it to finish, "
                     "or choose another output directory"
                 ) from None
+            except OSError as e:  # a file system without locks (some NFS and FUSE mounts): ENOLCK, EOPNOTSUPP
+                os.close(fd)
+                log.warning(
+                    "%s: this file system cannot lock files (%s), so kaika cannot stop a second process from "
+                    "writing here at the same time: make sure only one kaika %s writes to it",
+                    self.path,
+                    e.strerror or e,
+                    self.what,
+                )
+                return self
             # The holder before us may have unlinked the file between our open and our flock: then
             # we hold a lock on a file nobody else sees. Retry until the locked file is the one there.
             try:

@@ -102,6 +102,11 @@ def setup_logging(quiet: bool) -> None:
     # Under torchrun / accelerate launch only rank 0 speaks; the others report warnings and errors.
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.getLogger("kaika").setLevel(logging.WARNING if quiet or not rank0 else logging.INFO)
+    # bitsandbytes, on a CPU with AVX512-BF16, asks the hub for a faster 4-bit kernel as it is imported
+    # and warns when it gets none (offline): it then uses its own, and there is nothing to do about it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage()
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keep the Trainer's progress bar, drop library chatter

@@ -36,6 +36,7 @@ class Check:
     merge_diff: float  # merged vs base + adapter, float32 (0 when nothing was merged)
     merge_tol: float
     trained_quantized: bool
+    quantized_gap: float | None = None  # max |Δlogit|, full-precision merge vs the quantized model trained
     dtype: str = "float32"  # merged: the checkpoint's dtype; gguf: the quant type
     rounding: float = 0.0  # max |Δlogit| the written precision adds, against float32
     gguf_file: str | None = None
@@ -220,10 +221,15 @@ def card_body(cfg: TrainConfig, template: Template, source: Path, check: Check) 
 
 
 def intro(cfg: TrainConfig, source: Path, check: Check) -> str:
+    gap = (
+        f" (measured on the check prompts: logits within {check.quantized_gap:.3g} of the quantized base + adapter)"
+        if check.quantized_gap is not None
+        else ""
+    )
     quant = (
         f"\nThe adapter was trained on a {cfg.model.quantization}-quantized base. It was merged into the base "
-        "reloaded in full precision (float32), so this model is base + adapter unquantized and can differ "
-        "slightly from the quantized model used in training.\n"
+        "reloaded in full precision (float32), so this model is base + adapter unquantized and differs "
+        f"slightly from the quantized model used in training{gap}.\n"
         if check.trained_quantized
         else ""
     )

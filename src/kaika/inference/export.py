@@ -106,6 +106,7 @@ def export(
             m.diff,
             m.tol,
             m.trained_quantized,
+            quantized_gap=m.quantized_gap,
             dtype=quant,
             rounding=quant_diff,
             gguf_file=name,

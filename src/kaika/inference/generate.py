@@ -31,7 +31,7 @@ class Loaded:
     tokenizer: Any
     template: Template
     run: RunDir
-    model_args: ModelArgs  # as the base was loaded here (the run's, but unquantized without CUDA)
+    model_args: ModelArgs  # as the base was loaded here (the run's, but unquantized without bitsandbytes)
     stop_ids: list[int]  # EOS, and a chat template's end-of-turn token: what ends an answer
 
 
@@ -43,13 +43,16 @@ class Generation:
 
 
 def inference_model_args(run: RunDir) -> ModelArgs:
-    """The run's model args as this machine can load them: without CUDA, a base trained quantized
-    loads in full precision (bitsandbytes needs a GPU)."""
+    """The run's model args as this machine can load them: a base trained quantized loads quantized
+    (bitsandbytes runs on GPUs and CPUs), or, where bitsandbytes is not installed, in full precision."""
+    import importlib.util
+
     args = run.model_args
-    if args.quantization != "none" and not torch.cuda.is_available():
+    if args.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         log.warning(
-            "the adapter was trained on a %s base; without CUDA the base loads in full precision "
-            "(answers can differ slightly from the quantized model's)",
+            "the adapter was trained on a %s base, and bitsandbytes is not installed: the base loads in "
+            "full precision (answers can differ slightly from the quantized model's; "
+            "pip install 'kaika[quantization]' to load it as trained)",
             args.quantization,
         )
         args = replace(args, quantization="none")

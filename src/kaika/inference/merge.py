@@ -76,6 +76,7 @@ class Merged:
     diff: float  # max |logit difference|, merged vs unmerged (0 for a whole model: nothing to merge)
     tol: float
     trained_quantized: bool
+    quantized_gap: float | None = None  # max |Δlogit|, merged vs the quantized base + adapter as trained
 
 
 def merge_in_memory(run: RunDir) -> Merged:
@@ -98,7 +99,31 @@ def merge_in_memory(run: RunDir) -> Merged:
         MERGE_RTOL,
         "the merged model's logits differ from base + adapter",
     )
-    return Merged(run, cfg, run.template, tokenizer, merged, batch, expected, diff, tol, trained_quantized)
+    gap = quantized_gap(run, batch, expected) if trained_quantized else None
+    return Merged(run, cfg, run.template, tokenizer, merged, batch, expected, diff, tol, trained_quantized, gap)
+
+
+def quantized_gap(run: RunDir, batch: dict[str, torch.Tensor], expected: torch.Tensor) -> float | None:
+    """max |Δlogit| between the full-precision base + adapter (what the merge holds) and the quantized
+    base + adapter the run trained, on the check prompts; None where bitsandbytes is not installed."""
+    import importlib.util
+
+    from peft import PeftModel
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        log.warning("bitsandbytes is not installed: the gap to the quantized model is not measured")
+        return None
+    quantized = PeftModel.from_pretrained(load_model(run.model_args, run.source), run.path).eval()
+    gap = (masked_logits(quantized, batch) - expected).abs().max().item()
+    del quantized
+    log.info(
+        "the merged model (full precision) differs from the %s-quantized base + adapter used in training by "
+        "at most %.3g in logits on the check prompts (largest logit %.3g)",
+        run.model_args.quantization,
+        gap,
+        expected.abs().max().item(),
+    )
+    return gap
 
 
 def merge(
@@ -128,7 +153,9 @@ def merge(
         # What rounding to the written dtype does to the logits: reported, not mistaken for a bad merge.
         rounding = (masked_logits(merged.float(), m.batch) - m.expected).abs().max().item()
         del merged, m.model
-        check = Check(m.diff, m.tol, m.trained_quantized, dtype=dtype, rounding=rounding)
+        check = Check(
+            m.diff, m.tol, m.trained_quantized, dtype=dtype, rounding=rounding, quantized_gap=m.quantized_gap
+        )
         (tmp / "README.md").write_text(model_card(m.cfg, m.template, adapter_dir, check), encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
     log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, m.diff, m.tol)

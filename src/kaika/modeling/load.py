@@ -81,20 +81,26 @@ def dtype_choice(name: str) -> tuple[torch.dtype, str]:
     cuda = torch.cuda.is_available()
     if name == "auto":
         if cuda:
-            if torch.cuda.is_bf16_supported():
+            if gpu_has_native_bf16():
                 return torch.bfloat16, "bfloat16: the GPU computes it"
-            return torch.float16, "float16: this GPU has no bfloat16"
+            return torch.float16, "float16: this GPU does not compute bfloat16 natively (before Ampere)"
         if cpu_has_native_bf16():
             return torch.bfloat16, "bfloat16: this CPU computes bf16 natively (AVX512-BF16/AMX or Arm BF16)"
         return torch.float32, "float32: this CPU has no native bf16"
     if name not in DTYPES:
         raise KaikaError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
-    if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+    if name == "bfloat16" and cuda and not gpu_has_native_bf16():
         raise KaikaError(
-            f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name()}) cannot compute bfloat16; "
-            "use --dtype float16 (or auto) or float32"
+            f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name()}) does not compute bfloat16 "
+            "natively (PyTorch would emulate it, far slower); use --dtype float16 (or auto) or float32"
         )
     return DTYPES[name], "as asked"
+
+
+def gpu_has_native_bf16() -> bool:
+    """Whether the GPU computes bf16 in hardware (Ampere and newer). ``torch.cuda.is_bf16_supported()``
+    also says yes where it is only emulated (V100, T4), unless asked not to count emulation."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -147,14 +153,14 @@ def missing_gguf(err: ImportError) -> KaikaError:
 
 
 def quantization_config(args: ModelArgs, dtype: torch.dtype):
+    """bitsandbytes' config for ``--quantization``, on a GPU or a CPU (bitsandbytes >= 0.49 runs there).
+
+    4-bit is QLoRA's: NF4 with double quantization, computing in the run's dtype, and the packed weights
+    stored in that dtype too (``bnb_4bit_quant_storage``), so that FSDP can shard them like any other
+    weight of the model."""
     if args.quantization == "none":
         return None
-    if not torch.cuda.is_available():
-        raise KaikaError(
-            f"--quantization {args.quantization} needs a CUDA GPU (bitsandbytes), and this machine has none: "
-            "run without it (the model loads in full precision on the CPU) or on a GPU machine"
-        )
-    require_extra("gpu", ("bitsandbytes",), f"--quantization {args.quantization}")
+    require_extra("quantization", ("bitsandbytes",), f"--quantization {args.quantization}")
     from transformers import BitsAndBytesConfig
 
     if args.quantization == "8bit":
@@ -164,14 +170,17 @@ def quantization_config(args: ModelArgs, dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_storage=dtype,
     )
 
 
-def quantized_device_map() -> dict[str, int]:
-    """Each process loads the whole quantized model onto its own GPU (DDP); "auto" would spread
-    it over the GPUs and break DDP ("mat1 and mat2 shapes cannot be multiplied"). The model is
-    loaded before the Trainer binds the process to its GPU, so current_device() would still be 0
-    on every rank: LOCAL_RANK (set by torchrun / accelerate launch) names the right one."""
+def quantized_device_map() -> dict[str, int | str]:
+    """Each process loads the whole quantized model onto its own device (DDP): its GPU, or the CPU;
+    "auto" would spread it over the GPUs and break DDP ("mat1 and mat2 shapes cannot be multiplied").
+    The model is loaded before the Trainer binds the process to its GPU, so current_device() would
+    still be 0 on every rank: LOCAL_RANK (set by torchrun / accelerate launch) names the right one."""
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
     local_rank = os.environ.get("LOCAL_RANK")
     return {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}
 

@@ -110,12 +110,28 @@ def enable_gradient_checkpointing(model) -> None:
     model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
 
 
-def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
-    """Wrap ``model`` in a trainable peft LoRA; report the trainable-parameter count."""
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixed_precision: bool = False):
+    """Wrap ``model`` in a trainable peft LoRA; report the trainable-parameter count.
+
+    ``mixed_precision``: training will run under autocast (bf16, or fp16 with its GradScaler); every
+    trained tensor is then stored in float32 (peft does so for LoRA's own weights; the base biases that
+    ``--lora-bias all|lora_only`` trains are cast here: the GradScaler refuses fp16 gradients, and bf16
+    weights would round small updates away)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if is_quantized(model):
+        # peft casts the layers it leaves unquantized (norms, embeddings, output layer) to float32 and, with
+        # checkpointing, enables it; reentrant checkpointing (its default) would recompute without the
+        # frozen inputs' gradients and warn at every step.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif gradient_checkpointing:
         enable_gradient_checkpointing(model)
     names = adaptable_names(model)
@@ -131,6 +147,10 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
             f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
             f"{', '.join(sorted(names)) or 'none found'}"
         ) from None
+    if mixed_precision:
+        for param in peft_model.parameters():
+            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
     slices = parse_slices(args.qkv)
     held = apply_slice_masks(peft_model, slices, args.r) if slices else 0
     trainable, total = peft_model.get_nb_trainable_parameters()

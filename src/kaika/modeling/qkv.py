@@ -141,6 +141,12 @@ class _MaskGrad:
         return grad.masked_fill(~self.mask, 0)
 
 
+def _on(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``mask`` on ``weight``'s device; kept on the CPU while the weight has no data yet (a rank that
+    loads on the meta device until the engine fills it)."""
+    return mask if weight.device.type == "meta" else mask.to(weight.device)
+
+
 def _sliced_layers(model, layout: FusedQKV):
     from peft.tuners.lora import LoraLayer
 
@@ -175,18 +181,43 @@ def apply_slice_masks(model, slices: tuple[str, ...], r: int) -> int:
                     f"{config.num_attention_heads} heads; --lora-qkv does not know this layout"
                 )
             rows = layout.row_slices(weight.shape[0], config.num_attention_heads)
-            mask = block_mask(rows, slices, r).to(weight.device)
+            mask = _on(block_mask(rows, slices, r), weight)
             with torch.no_grad():
-                weight.masked_fill_(~mask, 0)
+                weight.masked_fill_(~mask.to(weight.device), 0)
             weight.register_hook(_MaskGrad(mask))
             layer.kaika_qkv_masks = {**getattr(layer, "kaika_qkv_masks", {}), adapter: mask}
             held += int((~mask).sum())
         bias = getattr(layer.get_base_layer(), "bias", None)
         if bias is not None and bias.requires_grad:
             rows = layout.row_slices(bias.shape[0], config.num_attention_heads)
-            keep = torch.isin(rows, torch.tensor([SLICES.index(s) for s in slices])).to(bias.device)
+            keep = _on(torch.isin(rows, torch.tensor([SLICES.index(s) for s in slices])), bias)
             bias.register_hook(_MaskGrad(keep))
+            layer.kaika_qkv_bias_keep = keep
     return held
+
+
+def mask_sharded_slice_grads(model) -> None:
+    """The slice masks on gradients that live in pieces (FSDP2 DTensors).
+
+    ``fully_shard`` replaces every parameter with a DTensor of this rank's rows, and the hooks
+    :func:`apply_slice_masks` registered on the whole parameters no longer run. After each backward
+    (before clipping and the optimizer step) the masks are applied to the sharded gradients instead,
+    each laid out as its gradient is (a local slice, no communication). Whole gradients are left to
+    the hooks: this is a no-op outside FSDP2."""
+    for _, module in model.named_modules():
+        targets = [(module.lora_B[a].weight, m) for a, m in getattr(module, "kaika_qkv_masks", {}).items()]
+        keep = getattr(module, "kaika_qkv_bias_keep", None)
+        if keep is not None:
+            targets.append((module.get_base_layer().bias, keep))
+        for param, mask in targets:
+            grad = param.grad
+            if grad is None or not hasattr(grad, "placements"):
+                continue
+            from torch.distributed.tensor import distribute_tensor
+
+            local = distribute_tensor(mask.cpu(), grad.device_mesh, grad.placements, src_data_rank=None)
+            with torch.no_grad():
+                grad.to_local().masked_fill_(~local.to_local().to(grad.device), 0)
 
 
 def held_at_zero(model) -> int:
@@ -198,11 +229,15 @@ def held_at_zero(model) -> int:
     )
 
 
-def check_block_structure(model) -> None:
-    """Raise if an entry that the slice mask holds at zero is not exactly zero (a broken mask)."""
+def check_block_structure(model, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise if an entry that the slice mask holds at zero is not exactly zero (a broken mask).
+
+    ``state``: the whole trained weights by parameter name (a sharded run's, gathered), else the
+    model's own parameters are read."""
     for name, module in model.named_modules():
         for adapter, mask in getattr(module, "kaika_qkv_masks", {}).items():
-            weight = module.lora_B[adapter].weight
+            key = f"{name}.lora_B.{adapter}.weight"
+            weight = state[key] if state is not None and key in state else module.lora_B[adapter].weight
             leaked = weight.detach()[~mask.to(weight.device)].abs().max() if (~mask).any() else 0
             if leaked != 0:
                 raise KaikaError(

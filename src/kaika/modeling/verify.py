@@ -142,37 +142,78 @@ def _normal(value):
 
 @torch.no_grad()
 def verify_adapter(
-    adapter_dir: Path, trained, model_args: ModelArgs, source: ModelSource, batch: dict[str, Any]
+    adapter_dir: Path,
+    trained,
+    model_args: ModelArgs,
+    source: ModelSource,
+    batch: dict[str, Any],
+    memory: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> float:
     """The adapter written to ``adapter_dir`` is ``trained``'s: tensors, config, and logits of a fresh
-    base with the reloaded adapter against the same base with the in-memory one."""
-    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    base with the reloaded adapter against the same base with the in-memory one.
+
+    ``memory``: the trained adapter's tensors as peft names them in the file (default: read off
+    ``trained``; a sharded run passes them gathered). ``device``: where the fresh base computes
+    (default: where ``trained`` is). A GPU without room for a second base (the trained one is still
+    held) falls back to the CPU: the check is the same computation twice, wherever it runs."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     check_lora_nonzero(adapter_dir)
-    memory = get_peft_model_state_dict(trained)
+    memory = get_peft_model_state_dict(trained) if memory is None else memory
     check_tensors(load_file(adapter_dir / ADAPTER_WEIGHTS), memory, adapter_dir / ADAPTER_WEIGHTS)
     check_adapter_config(adapter_dir, trained)
-    base = load_model(model_args, source)
+    device = torch.device(device) if device is not None else next(trained.parameters()).device
+    try:
+        diff = _reloaded_reproduces(adapter_dir, memory, model_args, source, batch, device)
+    except torch.OutOfMemoryError:
+        if device.type == "cpu":
+            raise
+        log.warning(
+            "verification: no room on %s for a second copy of the base next to the trained one; "
+            "checking on the CPU instead (slower, the same check)",
+            device,
+        )
+        _free_accelerator_memory()
+        diff = _reloaded_reproduces(adapter_dir, memory, model_args, source, batch, torch.device("cpu"))
+    log.info("verified: the saved adapter is the trained one (tensors bit for bit; max |Δlogit| %.2g)", diff)
+    return diff
+
+
+def _reloaded_reproduces(adapter_dir, memory, model_args, source, batch, device: torch.device) -> float:
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+    on_cpu = device.type == "cpu"
+    base = load_model(model_args, source, device_map={"": "cpu"} if on_cpu else None)
     if model_args.quantization == "none":  # quantized models are placed by device_map and cannot be moved
-        base = base.to(next(trained.parameters()).device)
+        base = base.to(device)
     reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     saved = {k: v.detach().clone() for k, v in get_peft_model_state_dict(reloaded).items()}
-    diff, tol, _ = same_computation(
-        reloaded,
-        batch,
-        with_saved=lambda: set_peft_model_state_dict(reloaded, saved),
-        with_memory=lambda: set_peft_model_state_dict(reloaded, memory),
-    )
-    check_within(
+    try:
+        diff, tol, _ = same_computation(
+            reloaded,
+            batch,
+            with_saved=lambda: set_peft_model_state_dict(reloaded, saved),
+            with_memory=lambda: set_peft_model_state_dict(reloaded, memory),
+        )
+    finally:
+        del reloaded, base
+    return check_within(
         diff,
         tol,
         f"the adapter reloaded from {adapter_dir} gives logits that differ from the adapter in memory "
         "(same base, same computation)",
         "the saved adapter is not the trained one",
     )
-    log.info("verified: the saved adapter is the trained one (tensors bit for bit; max |Δlogit| %.2g)", diff)
-    return diff
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- whole models

@@ -205,6 +205,58 @@ def _max_abs(tensors: list[torch.Tensor]) -> float:
     return float(torch.stack([t.abs().amax().float() for t in local]).amax())
 
 
+SETTINGS = (
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+    "max_steps", "seed", "weight_decay", "warmup_steps", "lr_scheduler_type", "bf16", "fp16", "max_grad_norm",
+    "save_steps", "logging_steps",
+)  # fmt: skip
+
+
+def run_fingerprint(trainer) -> dict[str, Any]:
+    """What every process of a run must share, compared before the first step: kaika's version, the
+    training settings (by name, so a difference can be named), the model (its config and every
+    parameter's name, shape, dtype and whether it trains) and the data; the host names the process."""
+    import socket
+
+    from kaika import __version__
+
+    model = trainer.model
+    config = getattr(model, "config", None)
+    config_text = ""
+    if config is not None:
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        config_text = json.dumps(fields, sort_keys=True, default=str)
+    h = hashlib.sha256(config_text.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name} {tuple(getattr(p, 'ds_shape', p.shape))} {p.dtype} {p.requires_grad}".encode())
+    return {
+        "host": socket.gethostname(),
+        "kaika": __version__,
+        "settings": {k: getattr(trainer.args, k, None) for k in SETTINGS},
+        "model": h.hexdigest(),
+        "data": data_fingerprint(trainer.train_dataset, trainer.eval_dataset),
+    }
+
+
+def ranks_differ(rank: int, mine: dict[str, Any], first: dict[str, Any]) -> str:
+    """What rank ``rank`` (on its host) has that rank 0 has not, in words."""
+    parts = []
+    if mine["kaika"] != first["kaika"]:
+        parts.append(f"kaika {mine['kaika']} vs {first['kaika']}")
+    settings = [k for k in SETTINGS if mine["settings"].get(k) != first["settings"].get(k)]
+    if settings:
+        parts.append(
+            "the training settings ("
+            + ", ".join(f"{k} {mine['settings'].get(k)} vs {first['settings'].get(k)}" for k in settings)
+            + ")"
+        )
+    if mine["model"] != first["model"]:
+        parts.append("the model (another base model, LoRA shape or dtype)")
+    if mine["data"] != first["data"]:
+        parts.append("the tokenized training data (other data files, template, tokenizer or cutoff_len)")
+    return f"rank {rank} on {mine['host']} differs from rank 0 on {first['host']} in " + ", ".join(parts)
+
+
 def data_fingerprint(*datasets) -> str:
     """A hash of every id list of every example (training rows: input_ids and labels; preference
     pairs: prompt, chosen and rejected ids), for the ranks of a run to check they hold the same data."""
@@ -221,7 +273,7 @@ def data_fingerprint(*datasets) -> str:
 class FaultWatch(TrainerCallback):
     """Turns signals and non-finite values into a clean stop at a step boundary (see module doc)."""
 
-    def __init__(self, fp16: bool, fingerprint: str | None = None):
+    def __init__(self, fp16: bool, fingerprint: dict[str, Any] | None = None):
         self.fp16 = fp16
         self.fingerprint = fingerprint
         self.requested: int | None = None  # signal number received, not yet acted on
@@ -270,14 +322,15 @@ class FaultWatch(TrainerCallback):
 
         if not dist.is_initialized():
             return
-        prints: list[str | None] = [None] * dist.get_world_size()
+        prints: list[dict | None] = [None] * dist.get_world_size()
         dist.all_gather_object(prints, self.fingerprint)
-        differ = [rank for rank, p in enumerate(prints) if p != prints[0]]
-        if differ:
+        problems = [ranks_differ(rank, p, prints[0]) for rank, p in enumerate(prints) if p != prints[0]]
+        if problems:
             raise KaikaError(
-                f"rank(s) {', '.join(map(str, differ))} tokenized different training data than rank 0: "
-                "every process must read the same data files, template, tokenizer and cutoff_len "
-                "(on several nodes, check that each node has the same copy)"
+                "the processes of this run do not agree, so it stopped before the first step: "
+                + "; ".join(problems)
+                + ". Every process must run the same kaika with the same command, data files, template, "
+                "tokenizer and base model (on several nodes: the same copy of each on every node)"
             )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -337,9 +390,7 @@ class guarded_training:
         self.log_file = log_file
         self.ckpt_dir = Path(trainer.args.output_dir)
         self.main = trainer.args.process_index == 0
-        fingerprint = None
-        if trainer.args.world_size > 1:
-            fingerprint = data_fingerprint(trainer.train_dataset, trainer.eval_dataset)
+        fingerprint = run_fingerprint(trainer) if trainer.args.world_size > 1 else None
         self.watch = FaultWatch(fp16=bool(trainer.args.fp16), fingerprint=fingerprint)
 
     def __enter__(self) -> str | None:

@@ -37,6 +37,7 @@ import torch
 
 from kaika.data.tokenize import IGNORE_INDEX
 from kaika.errors import KaikaError
+from kaika.training.launch import gathered
 
 # Logits held at once by the chunked loss (fp32 bytes): ~270 rows of BLOOM's 250,880-token vocabulary.
 # Measured at bloom-560m dimensions on CPU (docs/performance.md): 128 MiB chunks were no faster and no
@@ -255,9 +256,12 @@ def causal_lm_loss_sum(
             hidden, flat_targets = hidden[keep], targets[keep]  # (N, H), (N,)
         else:
             hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        # A transformed chunk holds about four (n, V) blocks (logits, transformed, softmax, gradient).
-        rows = chunk_rows_for(head.weight.shape[0], chunk_bytes, blocks=4 if transform else 1)
-        loss_sum = LinearCrossEntropy.apply(hidden, head.weight, head.bias, flat_targets, rows, transform)
+        # The output layer whole (FSDP2 shards and ZeRO-3 partitions are gathered for the moment; the
+        # chunked loss keeps gradients, not the weight, for backward).
+        with gathered(head.weight, head.bias) as (weight, bias):
+            # A transformed chunk holds about four (n, V) blocks (logits, transformed, softmax, gradient).
+            rows = chunk_rows_for(weight.shape[0], chunk_bytes, blocks=4 if transform else 1)
+            loss_sum = LinearCrossEntropy.apply(hidden, weight, bias, flat_targets, rows, transform)
         return loss_sum, count
     # Label positions only, one (N, V) block of logits: transformers slices with the boolean mask.
     logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits.float()  # (N, V)
@@ -275,22 +279,18 @@ def probe_output_layer(model, transform: LogitTransform | None = None) -> str | 
     base = unwrap(model)
     transform = logit_transform(model) if transform is None else transform
     head = base.get_output_embeddings()
-    vocab = head.weight.shape[0]
-    device = head.weight.device
-    ids = (torch.arange(3, 3 + 12, device=device) * 7919 % vocab)[None]  # spread over the vocabulary
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     was_training = model.training
     model.eval()  # no dropout: the two forwards must be the same computation
     try:
-        own = model(**inputs, use_cache=False).logits.float()
-        hidden = decoder_output(model, inputs, torch.ones_like(ids, dtype=torch.bool))
-        ours = transform(torch.nn.functional.linear(hidden, head.weight, head.bias).float())
+        own, hidden = _own_logits_and_hidden(model, head)
+        with gathered(head.weight, head.bias) as (weight, bias):
+            ours = transform(torch.nn.functional.linear(hidden, weight, bias).float())
+            dtype = weight.dtype
     except Exception as e:  # a head or forward kaika's loss cannot drive: the model's own loss instead
         return f"kaika's loss cannot run on it ({type(e).__name__}: {e})"
     finally:
         model.train(was_training)
     scale = own.abs().max().item()
-    dtype = head.weight.dtype
     rtol = 1e-4 if dtype in (torch.float32, torch.float64) else 4 * torch.finfo(dtype).eps
     diff = (own - ours).abs().max().item()
     if diff <= rtol * max(scale, 1.0):
@@ -299,6 +299,16 @@ def probe_output_layer(model, transform: LogitTransform | None = None) -> str | 
         f"its logits are not its output layer's with the known transforms ({transform}) applied "
         f"(max difference {diff:.3g} on logits up to {scale:.3g})"
     )
+
+
+def _own_logits_and_hidden(model, head):
+    """The model's own logits and its decoder output for a dozen ids spread over the vocabulary."""
+    with gathered(head.weight) as (weight,):
+        vocab, device = weight.shape[0], weight.device
+    ids = (torch.arange(3, 3 + 12, device=device) * 7919 % vocab)[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    own = model(**inputs, use_cache=False).logits.float()
+    return own, decoder_output(model, inputs, torch.ones_like(ids, dtype=torch.bool))
 
 
 @dataclass

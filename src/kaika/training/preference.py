@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kaika.atomic import staged_output
 from kaika.config import DpoConfig, ModelArgs, check
 from kaika.data.preference import PreferenceReport, encode_pairs, load_pairs
 from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
@@ -38,8 +37,7 @@ from kaika.modeling.load import (
     resolve_source,
 )
 from kaika.modeling.lora import apply_lora, enable_gradient_checkpointing
-from kaika.modeling.qkv import apply_slice_masks, check_block_structure, parse_slices
-from kaika.modeling.verify import verify_adapter
+from kaika.modeling.qkv import apply_slice_masks, parse_slices
 from kaika.rundir import (
     CURVE_FILE,
     LOG_FILE,
@@ -50,14 +48,16 @@ from kaika.rundir import (
     save_template,
     save_tokenizer,
 )
+from kaika.training.launch import check_launch, detect_launch, log_launch
+from kaika.training.saving import VerifyOn, save_adapter
 from kaika.training.trainer import (
     Fitted,
     JsonlLogCallback,
     SeededOrder,
     check_output_dir,
     gradient_accumulation,
-    is_main_process,
     log_batch,
+    mixed_precision,
     plot_loss_curve,
     prepare_output_dir,
     run_fit,
@@ -129,6 +129,14 @@ def check_config(cfg: DpoConfig) -> tuple[Path, RunDir | None]:
     check(cfg)
     gradient_accumulation(cfg.train, world_size())
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    launch = detect_launch()
+    check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing, command="dpo")
+    if launch.engine in ("fsdp", "deepspeed"):
+        raise KaikaError(
+            f"kaika dpo under {launch.describe()}: kaika runs TRL's preference trainers in one process or "
+            "with DDP only, so far; launch with torchrun or configs/accelerate/ddp.yaml"
+        )
+    log_launch(launch)
     if cfg.dpo.precompute_ref and cfg.dpo.loss in REFERENCE_FREE:
         raise KaikaError(f"--precompute-ref: the {cfg.dpo.loss} loss has no reference model to precompute")
     run = None
@@ -189,7 +197,8 @@ def build_model(cfg: DpoConfig, run: RunDir | None, source: ModelSource):
     model = load_model(cfg.model, source)
     set_seed(cfg.train.seed)
     if run is None:
-        return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+        mixed = mixed_precision(resolve_dtype(cfg.model.dtype))
+        return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing, mixed)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = PeftModel.from_pretrained(model, run.path, is_trainable=True)
@@ -302,12 +311,11 @@ def build_trainer(cfg: DpoConfig, run: RunDir | None, model, tokenizer, train_ro
     log_batch(cfg.train)
     tune_for_cpu()
     trainer_cls, config_cls = trainer_classes()[cfg.dpo.loss]
-    dtype = next(p.dtype for p in model.parameters())
     out = Path(cfg.train.output_dir)
     args = training_arguments(
         replace(cfg.train, group_by_length=False),  # kaika's seeded shuffle (SeededOrder) instead
         out,
-        dtype,
+        resolve_dtype(cfg.model.dtype),
         bool(val_rows),
         world_size(),
         cls=config_cls,
@@ -345,7 +353,6 @@ def save_and_verify(
     train_rows,
     out: Path,
 ) -> PreferenceResult:
-    model = fitted.model
     result = PreferenceResult(
         out,
         fitted.global_step,
@@ -355,13 +362,10 @@ def save_and_verify(
         last_logged(fitted.history, "rewards/accuracies"),
         last_logged(fitted.history, "rewards/margins"),
         report,
-        model,
+        fitted.model,
     )
-    if not is_main_process():
-        return result
-    check_block_structure(model)
-    with staged_output(out) as stage:
-        model.save_pretrained(stage, selected_adapters=["default"])  # not the frozen reference copy
+
+    def write_files(stage: Path) -> None:
         if template.kind == "chat":
             tokenizer.chat_template = template.source
         save_tokenizer(tokenizer, stage)
@@ -370,7 +374,9 @@ def save_and_verify(
         save_base_notices(source.path, stage)
         (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
-        if cfg.train.verify:
-            rows = [{"input_ids": r["prompt_ids"] + r["chosen_ids"]} for r in train_rows[:VERIFY_PAIRS]]
-            verify_adapter(stage, model, cfg.model, source, pad_batch(rows, tokenizer.pad_token_id))
+
+    rows = [{"input_ids": r["prompt_ids"] + r["chosen_ids"]} for r in train_rows[:VERIFY_PAIRS]]
+    verify = VerifyOn(cfg.model, source, pad_batch(rows, tokenizer.pad_token_id)) if cfg.train.verify else None
+    # Only the trained adapter: not the frozen reference copy that --from adds beside it.
+    save_adapter(fitted, out, write_files, verify, selected_adapters=["default"])
     return result

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kaika.atomic import ADAPTER_WEIGHTS, staged_output
+import torch
+
+from kaika.atomic import staged_output
 from kaika.config import PretrainConfig, check
 from kaika.data.packing import PackedCollator, enable_packed_attention, pack_documents
 from kaika.data.records import DataError, Problem, iter_source, split_records
@@ -29,7 +31,7 @@ from kaika.modeling.load import (
     resolve_dtype,
     resolve_source,
 )
-from kaika.modeling.verify import verify_adapter, verify_full_model
+from kaika.modeling.verify import verify_full_model
 from kaika.rundir import (
     CHECKPOINTS,
     CURVE_FILE,
@@ -39,16 +41,21 @@ from kaika.rundir import (
     save_tokenizer,
 )
 from kaika.training.faults import last_good_checkpoint
+from kaika.training.launch import check_launch, detect_launch, log_launch
 from kaika.training.loss import token_weighted_loss
+from kaika.training.saving import VerifyOn, release_training_memory, save_adapter
 from kaika.training.trainer import (
     Fitted,
     check_output_dir,
     fit,
     gradient_accumulation,
     is_main_process,
+    mixed_precision,
     plot_loss_curve,
     prepare_output_dir,
     run_lock,
+    training_arguments,
+    world_size,
 )
 
 log = logging.getLogger(__name__)
@@ -83,21 +90,24 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = check_pretrain_config(cfg)
+    compute = resolve_dtype(cfg.model.dtype)  # what the weights are multiplied in (autocast)
     with run_lock(out):  # a second run into the same directory is refused, not interleaved
-        return _pretrain(master_weights(cfg), out)
+        return _pretrain(master_weights(cfg), out, compute)
 
 
-def _pretrain(cfg: PretrainConfig, out: Path) -> PretrainResult:
+def _pretrain(cfg: PretrainConfig, out: Path, compute: torch.dtype) -> PretrainResult:
     train_docs, val_docs = load_documents(cfg)  # all input checked before any model is built
     tokenizer = build_tokenizer(cfg, train_docs, out)
     train_set, train_report = pack(cfg, tokenizer, train_docs, "train")
     val_set, _ = pack(cfg, tokenizer, val_docs, "held-out") if val_docs else ([], None)
-    model = build_model(cfg, tokenizer)
+    # The distributed state first: ZeRO-3 partitions the base as it loads, FSDP loads it on rank 0 only.
+    args = training_arguments(cfg.train, out, compute, False, world_size())
+    model = build_model(cfg, tokenizer, mixed_precision(compute))
     if cfg.pretrain.packing == "document":
         enable_packed_attention(model)
     prepare_output_dir(cfg.train)
     # Held-out text is scored once, at the end, token-weighted (the Trainer's eval averages batches).
-    fitted = fit(cfg.train, model, tokenizer, train_set, [], PackedCollator(cfg.pretrain.packing))
+    fitted = fit(args, cfg.train, model, tokenizer, train_set, [], PackedCollator(cfg.pretrain.packing))
     heldout = score_heldout(fitted, val_set, cfg) if val_set else None
     result = save_and_verify(cfg, fitted, tokenizer, train_set, train_report, heldout, out)
     log.info(
@@ -117,24 +127,32 @@ def is_full(cfg: PretrainConfig) -> bool:
 
 
 def master_weights(cfg: PretrainConfig) -> PretrainConfig:
-    """--dtype auto with every weight trained: float32 weights. The optimizer updates the weights
-    themselves, and bf16 weights would round most small updates away (LoRA keeps float32 adapter
-    weights for that reason while its frozen base may be bf16)."""
+    """--dtype auto with every weight trained: float32 weights, multiplied in the dtype auto picks (bf16
+    under autocast where the device computes it, float32 with TF32 on other GPUs). The optimizer updates
+    the weights themselves, and bf16 weights would round most small updates away (LoRA keeps float32
+    adapter weights for that reason while its frozen base may be bf16)."""
     if not is_full(cfg) or cfg.model.dtype != "auto":
         return cfg
-    log.info("dtype auto with every weight trained (--full): float32 weights")
+    log.info("dtype auto with every weight trained (--full): float32 weights (master weights)")
     return replace(cfg, model=replace(cfg.model, dtype="float32"))
 
 
 def check_pretrain_config(cfg: PretrainConfig) -> Path:
     p = cfg.pretrain
     check(cfg)  # choices and bounds again: the Python API may have assigned fields after building
-    gradient_accumulation(cfg.train, 1)
+    gradient_accumulation(cfg.train, world_size())
     if not p.data:
         raise KaikaError("no training text: pass --data FILE_OR_DIR (UTF-8 .txt, JSONL with a text field…)")
-    quant = quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
-    if quant is not None and is_full(cfg):
-        raise KaikaError("full-parameter training cannot use a quantized base: drop --quantization")
+    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    launch = detect_launch()
+    check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing, full=is_full(cfg), command="pretrain")
+    if is_full(cfg) and launch.sharded:
+        raise KaikaError(
+            f"kaika pretrain --full under {launch.describe()}: the whole-model save of sharded weights is not "
+            "built yet; train every weight with DDP or DeepSpeed ZeRO-2, or LoRA (without --full) under "
+            "FSDP/ZeRO-3"
+        )
+    log_launch(launch)
     if p.from_scratch and not Path(p.from_scratch).exists():
         raise KaikaError(f"--from-scratch {p.from_scratch}: no such file or directory")
     if cfg.train.overwrite:
@@ -296,10 +314,10 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_model(cfg: PretrainConfig, tokenizer):
+def build_model(cfg: PretrainConfig, tokenizer, mixed: bool = False):
     from transformers import AutoModelForCausalLM, GenerationConfig, set_seed
 
-    from kaika.modeling.lora import apply_lora
+    from kaika.modeling.lora import apply_lora, enable_gradient_checkpointing
 
     p = cfg.pretrain
     set_seed(cfg.train.seed)  # the same seed draws the same initial weights (or LoRA A)
@@ -317,9 +335,9 @@ def build_model(cfg: PretrainConfig, tokenizer):
         model = load_model(cfg.model, resolve_source(cfg.model))
     if is_full(cfg):
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(model)
         return model
-    return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing, mixed)
 
 
 # --------------------------------------------------------------------------- held-out text, save
@@ -350,8 +368,6 @@ def save_and_verify(
         report,
         model,
     )
-    if not is_main_process():
-        return result
     summary = {
         "train": asdict(report),
         "heldout": heldout,
@@ -360,25 +376,30 @@ def save_and_verify(
         "train_seconds": round(result.train_seconds, 1),
         "train_loss": result.train_loss,
     }
-    # Written aside, verified there, then moved into `out`, weights last (as kaika train does).
-    with staged_output(out, commit=FULL_WEIGHTS if is_full(cfg) else ADAPTER_WEIGHTS) as stage:
-        if is_full(cfg):
-            save_full_model(cfg, model, stage)
-        else:
-            model.save_pretrained(stage)
+
+    def write_files(stage: Path) -> None:
         save_tokenizer(tokenizer, stage)
         save_config(cfg, stage)
         if not cfg.pretrain.from_scratch:
             save_base_notices(resolve_source(cfg.model).path, stage)
         (stage / PRETRAIN_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
+
+    rows = [{"input_ids": r["input_ids"]} for r in train_set[:VERIFY_ROWS]]
+    batch = pad_batch(rows, tokenizer.pad_token_id)  # packed rows are full: no padding added
+    if not is_full(cfg):
+        verify = VerifyOn(cfg.model, resolve_source(cfg.model), batch) if cfg.train.verify else None
+        save_adapter(fitted, out, write_files, verify)
+        return result
+    release_training_memory(fitted.trainer)
+    if not is_main_process():
+        return result
+    # Written aside, verified there, then moved into `out`, weights last (as kaika train does).
+    with staged_output(out, commit=FULL_WEIGHTS) as stage:
+        save_full_model(cfg, model, stage)
+        write_files(stage)
         if cfg.train.verify:
-            rows = [{"input_ids": r["input_ids"]} for r in train_set[:VERIFY_ROWS]]
-            batch = pad_batch(rows, tokenizer.pad_token_id)  # packed rows are full: no padding added
-            if is_full(cfg):
-                verify_full_model(stage, model, batch, cfg.model, cast=cfg.pretrain.save_dtype != "auto")
-            else:
-                verify_adapter(stage, model, cfg.model, resolve_source(cfg.model), batch)
+            verify_full_model(stage, model, batch, cfg.model, cast=cfg.pretrain.save_dtype != "auto")
     return result
 
 

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kaika.atomic import staged_output
 from kaika.config import TrainConfig, check
 from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
 from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
@@ -29,8 +28,6 @@ from kaika.modeling.load import (
     resolve_source,
 )
 from kaika.modeling.lora import apply_lora
-from kaika.modeling.qkv import check_block_structure
-from kaika.modeling.verify import verify_adapter
 from kaika.rundir import (
     CURVE_FILE,
     REPORT_FILE,
@@ -39,15 +36,18 @@ from kaika.rundir import (
     save_template,
     save_tokenizer,
 )
+from kaika.training.launch import check_launch, detect_launch, log_launch
+from kaika.training.saving import VerifyOn, save_adapter
 from kaika.training.trainer import (
     Fitted,
     check_output_dir,
     fit,
     gradient_accumulation,
-    is_main_process,
+    mixed_precision,
     plot_loss_curve,
     prepare_output_dir,
     run_lock,
+    training_arguments,
     world_size,
 )
 
@@ -83,14 +83,17 @@ def _train(cfg: TrainConfig, out: Path) -> TrainResult:
     resolve_pad_token(tokenizer)
     template = choose_template(cfg, tokenizer, train_records)
     train_set, val_set, report = tokenize_data(cfg, template, tokenizer, train_records, val_records)
-    model = build_model(cfg, source)
+    # The distributed state first: ZeRO-3 partitions the base as it loads, FSDP loads it on rank 0 only.
+    dtype = resolve_dtype(cfg.model.dtype)
+    args = training_arguments(cfg.train, out, dtype, bool(val_set), world_size())
+    model = build_model(cfg, source, mixed_precision(dtype))
     rows, collator = (
         pack_for_training(cfg, model, tokenizer, train_set)
         if cfg.data.packing
         else (train_set, PadCollator(tokenizer.pad_token_id))
     )
     prepare_output_dir(cfg.train)
-    fitted = fit(cfg.train, model, tokenizer, rows, val_set, collator)
+    fitted = fit(args, cfg.train, model, tokenizer, rows, val_set, collator)
     result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_set, out)
     log.info(
         "done: adapter in %s (%d steps, %.0f s, %.0f tokens/s)",
@@ -107,6 +110,9 @@ def check_config(cfg: TrainConfig) -> Path:
     check(cfg)  # choices and bounds again: the Python API may have assigned fields after building
     gradient_accumulation(cfg.train, world_size())
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    launch = detect_launch()
+    check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing)
+    log_launch(launch)
     if cfg.train.overwrite:
         check_inputs_outside(cfg.train.output_dir, [*cfg.data.data, *cfg.data.val_data], "--overwrite")
     return check_output_dir(cfg.train)
@@ -174,12 +180,12 @@ def tokenize_data(cfg: TrainConfig, template: Template, tokenizer, train_records
     return train_set, val_set, report
 
 
-def build_model(cfg: TrainConfig, source: ModelSource):
+def build_model(cfg: TrainConfig, source: ModelSource, mixed: bool = False):
     from transformers import set_seed
 
     model = load_model(cfg.model, source)
     set_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same seed, same initial adapter
-    return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing, mixed)
 
 
 def pack_for_training(cfg: TrainConfig, model, tokenizer, train_set):
@@ -209,7 +215,6 @@ def save_and_verify(
     train_set,
     out: Path,
 ) -> TrainResult:
-    model = fitted.model
     result = TrainResult(
         out,
         fitted.global_step,
@@ -218,15 +223,10 @@ def save_and_verify(
         fitted.seconds,
         fitted.tokens_per_second,
         report,
-        model,
+        fitted.model,
     )
-    if not is_main_process():
-        return result
-    check_block_structure(model)  # --lora-qkv: unchosen slices must still be exactly zero
-    # Written aside, verified there, then moved into `out` (weights last): a kill never leaves a
-    # half-written adapter where generate would load it.
-    with staged_output(out) as stage:
-        model.save_pretrained(stage)
+
+    def write_files(stage: Path) -> None:
         if template.kind == "chat":  # other tools prompt the run (and its merge) with what it trained on
             tokenizer.chat_template = template.source
         save_tokenizer(tokenizer, stage)
@@ -235,7 +235,7 @@ def save_and_verify(
         save_base_notices(source.path, stage)
         (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
-        if cfg.train.verify:
-            batch = pad_batch(train_set[:VERIFY_EXAMPLES], tokenizer.pad_token_id)
-            verify_adapter(stage, model, cfg.model, source, batch)
+
+    batch = pad_batch(train_set[:VERIFY_EXAMPLES], tokenizer.pad_token_id)
+    save_adapter(fitted, out, write_files, VerifyOn(cfg.model, source, batch) if cfg.train.verify else None)
     return result

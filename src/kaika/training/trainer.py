@@ -30,7 +30,9 @@ from kaika.config import TrainArgs
 from kaika.errors import KaikaError
 from kaika.guard import DirLock, check_replaceable, claim, empty_owned, is_kaika_hidden
 from kaika.rundir import CHECKPOINTS, LOG_FILE
+from kaika.modeling.qkv import mask_sharded_slice_grads
 from kaika.training.faults import check_writable, guarded_training
+from kaika.training.launch import ShardedOnCpu, detect_launch
 from kaika.training.loss import (
     FastLoss,
     LogitTransform,
@@ -41,6 +43,10 @@ from kaika.training.loss import (
 )
 
 log = logging.getLogger(__name__)
+
+# Seconds a collective waits for the other processes before it fails (transformers' default: 1800). A
+# node that died is usually seen at once by its launcher; this bounds the rest (a node that hangs).
+DDP_TIMEOUT = 900
 
 
 def is_main_process() -> bool:
@@ -172,13 +178,44 @@ class Fitted:
         return next((h["eval_loss"] for h in reversed(self.history) if "eval_loss" in h), None)
 
 
+def mixed_precision(dtype: torch.dtype) -> bool:
+    """Whether a run whose compute dtype is ``dtype`` trains under autocast: bf16 everywhere, fp16 on
+    CUDA (with its GradScaler). The trainable weights are then kept in float32."""
+    return dtype == torch.bfloat16 or (dtype == torch.float16 and torch.cuda.is_available())
+
+
+def precision_arguments(dtype: torch.dtype) -> dict[str, Any]:
+    """The Trainer's precision flags for the run's compute dtype (``--dtype``, resolved).
+
+    Never inferred from the model's parameters: after peft's k-bit preparation a quantized base's
+    norms, embeddings and output layer are float32 whatever the compute dtype, and ``pretrain --full``
+    keeps float32 master weights while it computes in bf16. float32 on an Ampere or newer GPU
+    multiplies in TF32 (the matmul precision PyTorch and transformers call "high")."""
+    from transformers.utils import is_torch_tf32_available
+
+    cuda = torch.cuda.is_available()
+    return {
+        "bf16": dtype == torch.bfloat16,
+        "fp16": cuda and dtype == torch.float16,
+        "tf32": True if cuda and dtype == torch.float32 and is_torch_tf32_available() else None,
+    }
+
+
 def training_arguments(
     t: TrainArgs, out: Path, dtype: torch.dtype, evaluate: bool, processes: int, cls=None, **extra
 ):
-    """``TrainingArguments`` (or its subclass ``cls``, e.g. TRL's ``DPOConfig`` with ``extra``) from ``t``."""
+    """``TrainingArguments`` (or its subclass ``cls``, e.g. TRL's ``DPOConfig`` with ``extra``) from ``t``,
+    for compute dtype ``dtype``.
+
+    Building them sets up the processes' distributed state (and, under a DeepSpeed launch, the config
+    that makes ``from_pretrained`` partition the weights as they load): the recipes build them before
+    they load the model."""
     from transformers import TrainingArguments
 
+    from kaika.training.launch import detect_launch
+
     cuda = torch.cuda.is_available()
+    launch = detect_launch()
     kwargs = dict(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=t.micro_batch_size,
@@ -198,9 +235,9 @@ def training_arguments(
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        bf16=dtype == torch.bfloat16,
-        fp16=cuda and dtype == torch.float16,
-        use_cpu=not cuda,
+        **precision_arguments(dtype),
+        # DeepSpeed on a CPU (DS_ACCELERATOR=cpu) is reached only through accelerate's non-CPU path.
+        use_cpu=not cuda and launch.engine != "deepspeed",
         report_to=[] if t.report_to == "none" else [t.report_to],
         run_name=out.name,  # the run's name in W&B and MLflow
         disable_tqdm=False,  # transformers ties the bar to its log level, which the CLI keeps quiet
@@ -208,6 +245,8 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         ddp_find_unused_parameters=False if processes > 1 else None,
+        # A node that died stops the others within this time instead of the default 30 minutes.
+        ddp_timeout=DDP_TIMEOUT,
     )
     return (cls or TrainingArguments)(**{**kwargs, **extra})
 
@@ -223,16 +262,15 @@ def log_batch(t: TrainArgs) -> None:
     )
 
 
-def fit(t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
-    """Train ``model`` on ``train_set`` (batched by ``collator``), checkpoints and log in ``t.output_dir``."""
+def fit(args, t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
+    """Train ``model`` on ``train_set`` (batched by ``collator``), checkpoints and log in ``t.output_dir``;
+    ``args`` are the run's :func:`training_arguments`, built before the model was loaded."""
     out = Path(t.output_dir)
-    processes = world_size()
     log_batch(t)
-    dtype = next(p.dtype for p in model.parameters())
     trainer = KaikaTrainer(
         model=model,
         fast_loss=FastLoss(t.fast_loss, t.fast_loss),
-        args=training_arguments(t, out, dtype, bool(val_set), processes),
+        args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
         data_collator=collator,
@@ -429,26 +467,39 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------- the Trainer
 
 
-class KaikaTrainer(Trainer):
+class KaikaTrainer(ShardedOnCpu, Trainer):
     """transformers' Trainer with kaika's training loss (:mod:`kaika.training.loss`); evaluation,
-    prediction and models without ``logits_to_keep`` use the Trainer's own loss."""
+    prediction and models without ``logits_to_keep`` use the Trainer's own loss.
+
+    Which loss is checked on the model itself (:meth:`_choose_loss`): at construction, or, when the
+    launch shards the weights (FSDP, ZeRO-3), at the first training step, once the engine holds the
+    model and every rank can take part in the check's forward pass."""
 
     def __init__(self, *args, fast_loss: FastLoss | None = None, **kwargs):
         self._epoch_sampler: EpochLengthGroupedSampler | None = None
         super().__init__(*args, **kwargs)
-        self.fast_loss, self.logit_transform = self._choose_loss(fast_loss or FastLoss())
+        self._levers = fast_loss or FastLoss()
+        self._loss_chosen = False
+        self.fast_loss: FastLoss | None = None
+        self.logit_transform: LogitTransform | None = None
+        if not detect_launch().sharded:
+            self._pick_loss(self.model)
         self.add_callback(_SamplerEpoch(self))
 
-    def _choose_loss(self, levers: FastLoss) -> tuple[FastLoss | None, LogitTransform | None]:
+    def _pick_loss(self, model) -> None:
+        self.fast_loss, self.logit_transform = self._choose_loss(self._levers, model)
+        self._loss_chosen = True
+
+    def _choose_loss(self, levers: FastLoss, model) -> tuple[FastLoss | None, LogitTransform | None]:
         """kaika's loss where it is the model's own (checked on the model itself), else the Trainer's."""
         if not levers.any:
             return None, None
-        if not supports_fast_loss(self.model):
+        if not supports_fast_loss(model):
             log.info("loss: the model's own (its forward takes no logits_to_keep)")
             return None, None
-        transform = logit_transform(self.model)
+        transform = logit_transform(model)
         if levers.chunked:
-            problem = probe_output_layer(self.model, transform)
+            problem = probe_output_layer(model, transform)
             if problem:
                 log.warning(
                     "loss: the model's own, with full logits (slower, more memory): %s. kaika's chunked "
@@ -459,6 +510,11 @@ class KaikaTrainer(Trainer):
             if transform:
                 log.info("loss: chunked, with the model's logit transform (%s)", transform)
         return levers, transform
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        mask_sharded_slice_grads(self.model)  # --lora-qkv under FSDP2: the masks follow the shards
+        return loss
 
     def _get_train_sampler(self, train_dataset=None):
         from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -478,6 +534,8 @@ class KaikaTrainer(Trainer):
         return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._loss_chosen and model.training:
+            self._pick_loss(model)  # the first step of a sharded run: every rank is here
         if self.fast_loss is None or return_outputs or not model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss_sum, count = causal_lm_loss_sum(model, inputs, self.fast_loss, transform=self.logit_transform)
