@@ -262,12 +262,15 @@ def test_global_batch_must_divide_over_the_processes(tmp_path, monkeypatch):
         train(cfg)
 
 
-def test_quantized_models_load_whole_onto_each_ranks_own_gpu(monkeypatch):
+def test_quantized_models_load_whole_onto_each_ranks_own_device(monkeypatch):
     from kaika.modeling.load import quantized_device_map
 
     for rank in ("0", "1", "3"):
         monkeypatch.setenv("LOCAL_RANK", rank)
+        assert quantized_device_map() == {"": "cpu"}  # bitsandbytes computes on the CPU too
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert quantized_device_map() == {"": int(rank)}  # never "auto", never another rank's GPU
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize(

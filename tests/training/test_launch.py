@@ -27,7 +27,9 @@ def test_the_launch_is_read_from_the_launchers_environment(tmp_path):
     assert ddp.describe() == "DDP over 4 processes on 2 nodes"
     fsdp = detect_launch({**TORCHRUN, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
     assert (fsdp.engine, fsdp.fsdp_version, fsdp.sharded) == ("fsdp", 2, True)
-    zero2 = detect_launch({**TORCHRUN, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    zero2 = detect_launch(
+        {**TORCHRUN, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    )
     assert (zero2.engine, zero2.zero_stage, zero2.sharded) == ("deepspeed", 2, False)
     # A DeepSpeed JSON file named by the accelerate config: the stage is read from it.
     ds = tmp_path / "ds.json"
@@ -56,11 +58,15 @@ def test_what_an_engine_cannot_honour_is_refused_naming_both(launch, quantizatio
         check_launch(launch, quantization, checkpointing)
 
 
-def test_a_sharded_launch_with_a_quantized_base_is_refused_before_any_data_or_model(tmp_path, monkeypatch, capsys):
+def test_a_sharded_launch_with_a_quantized_base_is_refused_before_any_data_or_model(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     missing = tmp_path / "no-such-data.jsonl"  # never read: the refusal comes first
-    code = main(["train", "--data", str(missing), "--quantization", "4bit", "--output-dir", str(tmp_path / "r")])
+    code = main(
+        ["train", "--data", str(missing), "--quantization", "4bit", "--output-dir", str(tmp_path / "r")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--quantization 4bit under DeepSpeed ZeRO-3" in err, err
     assert not (tmp_path / "r").exists()
@@ -142,36 +148,43 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, mo
     assert "cannot lock files (No locks available)" in caplog.text
 
 
-def test_trainable_biases_are_float32_under_mixed_precision_and_the_grad_scaler_takes_them(ja_tokenizer, tmp_path):
+def test_trainable_biases_are_float32_under_mixed_precision_and_the_grad_scaler_takes_them(
+    ja_tokenizer, tmp_path
+):
     """--lora-bias all on an fp16 base: the GradScaler refuses fp16 gradients ("Attempting to unscale
     FP16 gradients"); kaika keeps every trained tensor in float32 when training runs under autocast."""
     from helpers import build_model
-    from kaika.config import LoraArgs
+    from kaika.config import LoraArgs, ModelArgs
     from kaika.modeling.load import load_model
-    from kaika.config import ModelArgs
     from kaika.modeling.lora import apply_lora
 
-    base = build_model("llama", ja_tokenizer, tmp_path / "base")
-    model = apply_lora(
-        load_model(ModelArgs(base_model=str(base), dtype="float16")),
-        LoraArgs(r=4, alpha=8, dropout=0.0, bias="all"),
-        mixed_precision=True,
-    )
-    trained = [p for p in model.parameters() if p.requires_grad]
-    assert any(p.ndim == 1 for p in trained)  # the biases train
-    assert {p.dtype for p in trained} == {torch.float32}
-    scaler = torch.amp.GradScaler("cpu")
-    optimizer = torch.optim.AdamW(trained, lr=1e-3)
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = model(input_ids=ids, labels=ids).loss
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)  # raises on fp16 gradients
-    scaler.step(optimizer)
-    scaler.update()
+    base = build_model("bloom", ja_tokenizer, tmp_path / "base")
+    for dtype, half in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        model = apply_lora(
+            load_model(ModelArgs(base_model=str(base), dtype=dtype)),
+            LoraArgs(r=4, alpha=8, dropout=0.0, bias="all"),
+            mixed_precision=True,
+        )
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert any("lora_" not in n and p.requires_grad for n, p in model.named_parameters())  # biases train
+        assert {p.dtype for p in trained} == {torch.float32}
+        qkv = model.base_model.model.transformer.h[0].self_attention.query_key_value.base_layer
+        assert qkv.weight.dtype == half  # the frozen matrices stay as loaded
+        scaler = torch.amp.GradScaler("cpu", enabled=half == torch.float16)
+        optimizer = torch.optim.AdamW(trained, lr=1e-3)
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        with torch.autocast("cpu", dtype=half):  # as the Trainer runs it (fp16: on CUDA, with the scaler)
+            loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # raises on fp16 gradients
+        scaler.step(optimizer)
+        scaler.update()
+        assert torch.isfinite(loss)
 
 
-def test_verification_that_runs_out_of_gpu_memory_checks_on_the_cpu(ja_tokenizer, tmp_path, monkeypatch, caplog):
+def test_verification_that_runs_out_of_gpu_memory_checks_on_the_cpu(
+    ja_tokenizer, tmp_path, monkeypatch, caplog
+):
     from peft import get_peft_model_state_dict
 
     import kaika.modeling.verify as verify

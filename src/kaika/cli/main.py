@@ -99,6 +99,12 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     # Raised inside peft/transformers on every LoRA model; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes' 8-bit layers multiply in float16 and say so at every call; the run's dtype is logged once.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    # DeepSpeed's collectives call torch.distributed functions that PyTorch has renamed, at every step.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     # Under torchrun / accelerate launch only rank 0 speaks; the others report warnings and errors.
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.getLogger("kaika").setLevel(logging.WARNING if quiet or not rank0 else logging.INFO)
@@ -112,9 +118,20 @@ def setup_logging(quiet: bool) -> None:
     hf_logging.set_verbosity_error()  # keep the Trainer's progress bar, drop library chatter
 
 
+def cpu_deepspeed() -> None:
+    """DeepSpeed picks its accelerator when it is imported (by accelerate and transformers, whenever it is
+    installed); on a machine without CUDA it settles on the CPU after printing a warning to stdout, in the
+    middle of a command's output. Saying so first is the same choice, silently."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     setup_logging(ns.quiet)
+    cpu_deepspeed()
     try:
         status = ns.run(ns)  # a command may return an exit status (data check: 1 when it fails)
     except KaikaError as e:

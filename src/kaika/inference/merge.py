@@ -100,7 +100,9 @@ def merge_in_memory(run: RunDir) -> Merged:
         "the merged model's logits differ from base + adapter",
     )
     gap = quantized_gap(run, batch, expected) if trained_quantized else None
-    return Merged(run, cfg, run.template, tokenizer, merged, batch, expected, diff, tol, trained_quantized, gap)
+    return Merged(
+        run, cfg, run.template, tokenizer, merged, batch, expected, diff, tol, trained_quantized, gap
+    )
 
 
 def quantized_gap(run: RunDir, batch: dict[str, torch.Tensor], expected: torch.Tensor) -> float | None:

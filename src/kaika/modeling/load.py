@@ -217,6 +217,18 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
     return model
 
 
+def one_cpu_packing(model) -> None:
+    """bitsandbytes' 4-bit layers, on a CPU with AVX512-BF16, repack their weights for an inference-only
+    kernel the first time they run in eval mode without gradients, and back again whenever a state dict
+    is loaded into the model. A model being trained then fails ("a view of a leaf Variable that requires
+    grad is being used in an in-place operation": kaika's loss check and every evaluation run in eval
+    mode), and a model being verified computes with two kernels whose results differ by their rounding.
+    Such models keep the packing that trains, for every forward."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def drop_gguf_quantizer(model) -> None:
     """A GGUF checkpoint loads as dense weights, yet transformers marks the model "quantized (gguf)",
     which makes Trainer refuse to train it and save_pretrained refuse to write it. When nothing was

@@ -8,6 +8,7 @@ import torch
 
 from kaika.config import LoraArgs
 from kaika.errors import KaikaError
+from kaika.modeling.load import one_cpu_packing
 from kaika.modeling.qkv import apply_slice_masks, lora_shape, parse_slices
 
 log = logging.getLogger(__name__)
@@ -124,13 +125,21 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if is_quantized(model):
+        one_cpu_packing(model)
         # peft casts the layers it leaves unquantized (norms, embeddings, output layer) to float32 and, with
         # checkpointing, enables it; reentrant checkpointing (its default) would recompute without the
         # frozen inputs' gradients and warn at every step.
+        import inspect
+
+        # peft >= 0.22 names it activation checkpointing; older releases only have the old name.
+        names = inspect.signature(prepare_model_for_kbit_training).parameters
+        kwargs_name = next(
+            n for n in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if n in names
+        )
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            **{kwargs_name: {"use_reentrant": False}},
         )
     elif gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -148,9 +157,7 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
             f"{', '.join(sorted(names)) or 'none found'}"
         ) from None
     if mixed_precision:
-        for param in peft_model.parameters():
-            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
+        trained_in_float32(peft_model)
     slices = parse_slices(args.qkv)
     held = apply_slice_masks(peft_model, slices, args.r) if slices else 0
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -164,6 +171,21 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
         100 * trainable / total,
     )
     return peft_model
+
+
+def trained_in_float32(model) -> None:
+    """Every trained half-precision tensor in float32. A layer whose weight is a matrix (Linear, Conv1D)
+    keeps it as it is: autocast casts its inputs to one dtype. A norm is cast whole: a CPU LayerNorm
+    refuses a float32 bias beside a bf16 weight (it takes both in float32 with half-precision input)."""
+    half = (torch.float16, torch.bfloat16)
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad and p.dtype in half for p in own):
+            continue
+        matrix = any(p.ndim >= 2 for p in own)
+        for param in own:
+            if param.dtype in half and (param.requires_grad or not matrix):
+                param.data = param.data.float()
 
 
 def adapted_summary(peft_model) -> str:

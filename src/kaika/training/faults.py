@@ -224,7 +224,9 @@ def run_fingerprint(trainer) -> dict[str, Any]:
     config = getattr(model, "config", None)
     config_text = ""
     if config is not None:
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        fields = {
+            k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
+        }
         config_text = json.dumps(fields, sort_keys=True, default=str)
     h = hashlib.sha256(config_text.encode())
     for name, p in model.named_parameters():

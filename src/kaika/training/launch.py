@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import TrainerCallback
 
 from kaika.errors import KaikaError, require_extra
 
@@ -170,6 +171,20 @@ def check_launch(
         raise KaikaError("full-parameter training cannot use a quantized base: drop --quantization")
 
 
+def engine_dtype(launch: Launch, dtype: str) -> str:
+    """``--dtype`` as this launch can train in. DeepSpeed on CPUs trains in float32 only: transformers'
+    Trainer takes bf16 on a CPU only through accelerate's CPU path, which DeepSpeed does not use."""
+    if launch.engine != "deepspeed" or torch.cuda.is_available() or dtype == "float32":
+        return dtype
+    if dtype == "auto":
+        log.info("dtype auto under DeepSpeed on CPUs: float32 (DeepSpeed's CPU path has no bf16 autocast)")
+        return "float32"
+    raise KaikaError(
+        f"--dtype {dtype} under DeepSpeed on a machine without a GPU: DeepSpeed's CPU path trains in float32 "
+        "only; use --dtype float32 (or auto), or DDP for bf16 on CPUs"
+    )
+
+
 def log_launch(launch: Launch) -> None:
     if launch.world_size > 1 or launch.engine != "single":
         log.info("launch: %s", launch.describe())
@@ -243,4 +258,44 @@ class ShardedOnCpu:
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
         self.is_fsdp_enabled = True
-        log.info("FSDP%d on CPUs: accelerate's fully_shard preparation over %s", plugin.fsdp_version, state.backend)
+        log.info(
+            "FSDP%d on CPUs: accelerate's fully_shard preparation over %s", plugin.fsdp_version, state.backend
+        )
+
+
+def weight_share(model) -> tuple[int, int]:
+    """(elements of the model's weights this rank holds, elements of the whole model)."""
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition
+            local, total = local + p.ds_tensor.numel(), total + p.ds_numel
+        elif is_dtensor(p):  # FSDP2: this rank's rows
+            local, total = local + p.to_local().numel(), total + p.numel()
+        else:
+            local, total = local + p.numel(), total + p.numel()
+    return local, total
+
+
+class ShardReport(TrainerCallback):
+    """Where the weights are, measured, in the log. A sharded
+    launch that silently runs whole copies (accelerate's FSDP on CPUs, before :class:`ShardedOnCpu`)
+    shows here as 100 %."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        launch = detect_launch()
+        if launch.world_size == 1 or model is None:
+            return
+        local, total = weight_share(model)
+        where = (
+            "sharded"
+            if launch.sharded
+            else "a whole copy on every rank"
+            + (", optimizer state and gradients sharded" if launch.engine == "deepspeed" else "")
+        )
+        log.info(
+            "weights: this rank holds %.1f%% of the model's %s parameters (%s, %s)",
+            100 * local / max(total, 1),
+            f"{total:,}",
+            launch.describe(),
+            where,
+        )

@@ -376,7 +376,9 @@ def save_and_verify(
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
 
     rows = [{"input_ids": r["prompt_ids"] + r["chosen_ids"]} for r in train_rows[:VERIFY_PAIRS]]
-    verify = VerifyOn(cfg.model, source, pad_batch(rows, tokenizer.pad_token_id)) if cfg.train.verify else None
+    verify = (
+        VerifyOn(cfg.model, source, pad_batch(rows, tokenizer.pad_token_id)) if cfg.train.verify else None
+    )
     # Only the trained adapter: not the frozen reference copy that --from adds beside it.
     save_adapter(fitted, out, write_files, verify, selected_adapters=["default"])
     return result

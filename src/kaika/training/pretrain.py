@@ -41,7 +41,7 @@ from kaika.rundir import (
     save_tokenizer,
 )
 from kaika.training.faults import last_good_checkpoint
-from kaika.training.launch import check_launch, detect_launch, log_launch
+from kaika.training.launch import check_launch, detect_launch, engine_dtype, log_launch
 from kaika.training.loss import token_weighted_loss
 from kaika.training.saving import VerifyOn, release_training_memory, save_adapter
 from kaika.training.trainer import (
@@ -90,6 +90,7 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = check_pretrain_config(cfg)
+    cfg = replace(cfg, model=replace(cfg.model, dtype=engine_dtype(detect_launch(), cfg.model.dtype)))
     compute = resolve_dtype(cfg.model.dtype)  # what the weights are multiplied in (autocast)
     with run_lock(out):  # a second run into the same directory is refused, not interleaved
         return _pretrain(master_weights(cfg), out, compute)
@@ -145,7 +146,13 @@ def check_pretrain_config(cfg: PretrainConfig) -> Path:
         raise KaikaError("no training text: pass --data FILE_OR_DIR (UTF-8 .txt, JSONL with a text field…)")
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
     launch = detect_launch()
-    check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing, full=is_full(cfg), command="pretrain")
+    check_launch(
+        launch,
+        cfg.model.quantization,
+        cfg.train.gradient_checkpointing,
+        full=is_full(cfg),
+        command="pretrain",
+    )
     if is_full(cfg) and launch.sharded:
         raise KaikaError(
             f"kaika pretrain --full under {launch.describe()}: the whole-model save of sharded weights is not "

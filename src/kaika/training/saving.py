@@ -82,6 +82,10 @@ def save_adapter(
     if not is_main_process():
         return
     check_block_structure(peft_model, state)  # --lora-qkv: unchosen slices must still be exactly zero
+    if sharded:  # the fresh base of the check loads whole, not partitioned by ZeRO-3 as training's did
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     with staged_output(out) as stage:
         peft_model.save_pretrained(stage, state_dict=state, selected_adapters=selected_adapters)
         write_files(stage)

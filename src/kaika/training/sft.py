@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from kaika.rundir import (
     save_template,
     save_tokenizer,
 )
-from kaika.training.launch import check_launch, detect_launch, log_launch
+from kaika.training.launch import check_launch, detect_launch, engine_dtype, log_launch
 from kaika.training.saving import VerifyOn, save_adapter
 from kaika.training.trainer import (
     Fitted,
@@ -70,6 +70,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     out = check_config(cfg)
+    cfg = replace(cfg, model=replace(cfg.model, dtype=engine_dtype(detect_launch(), cfg.model.dtype)))
     with run_lock(out):  # a second run into the same directory is refused, not interleaved
         return _train(cfg, out)
 

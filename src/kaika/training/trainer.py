@@ -29,10 +29,10 @@ from transformers import ProgressCallback, Trainer, TrainerCallback
 from kaika.config import TrainArgs
 from kaika.errors import KaikaError
 from kaika.guard import DirLock, check_replaceable, claim, empty_owned, is_kaika_hidden
-from kaika.rundir import CHECKPOINTS, LOG_FILE
 from kaika.modeling.qkv import mask_sharded_slice_grads
+from kaika.rundir import CHECKPOINTS, LOG_FILE
 from kaika.training.faults import check_writable, guarded_training
-from kaika.training.launch import ShardedOnCpu, detect_launch
+from kaika.training.launch import ShardedOnCpu, ShardReport, detect_launch
 from kaika.training.loss import (
     FastLoss,
     LogitTransform,
@@ -236,8 +236,10 @@ def training_arguments(
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         **precision_arguments(dtype),
-        # DeepSpeed on a CPU (DS_ACCELERATOR=cpu) is reached only through accelerate's non-CPU path.
+        # DeepSpeed on CPUs is reached only through accelerate's non-CPU path, told to use gloo (else it
+        # counts one process, while DeepSpeed initialises every rank: the batch arithmetic breaks).
         use_cpu=not cuda and launch.engine != "deepspeed",
+        ddp_backend="gloo" if not cuda and launch.engine == "deepspeed" else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
         run_name=out.name,  # the run's name in W&B and MLflow
         disable_tqdm=False,  # transformers ties the bar to its log level, which the CLI keeps quiet
@@ -295,6 +297,7 @@ def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
             cb.logging_dir = str(out / TENSORBOARD_DIR)
     planned = StopAtPlannedSteps()
     trainer.add_callback(planned)
+    trainer.add_callback(ShardReport())
     if evaluate:
         trainer.add_callback(EvaluateLastStep())
     start = time.perf_counter()
