@@ -9,7 +9,6 @@ scale). A replayed or skipped batch, or a reference that moved, shifts the weigh
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import torch
 from helpers import seed_records, write_jsonl
 from kaika.config import TrainConfig
 from kaika.training.sft import train
+from launchers import env
+from servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,6 @@ COMMON = [
     "--cutoff-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "5e-3",
     "--logging-steps", "1", "--dtype", "float32",
 ]  # fmt: skip
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +105,6 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(inputs, tmp_path):
     reference = [r for r in log_rows(tmp_path / "ref") if "loss" in r]
     for key in ("loss", "reward_margin", "logp_chosen", "logp_rejected"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in reference], rel=1e-6, abs=1e-6)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_match_one_process(inputs, tmp_path):

@@ -19,24 +19,31 @@ Tolerances:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import seed_records, write_jsonl
 from kaika.config import TrainConfig
 from kaika.training.faults import checkpoint_problem
 from kaika.training.sft import train
+from launchers import (
+    ACCELERATE_CONFIGS,
+    assert_same_adapter,
+    env,
+    log_rows,
+    logged_step,
+    one_thread,
+    run,
+    wait_for,
+)
+from servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -68,52 +75,6 @@ def cli(*args: str, launcher: list[str] | None = None) -> list[str]:
     return [*(launcher or [sys.executable]), "-m", "kaika", "train", *COMMON, *args]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(out / "adapter_model.safetensors")
-
-
-def assert_same_adapter(a: Path, b: Path, atol: float, context: str = "") -> None:
-    ta, tb = adapter(a), adapter(b)
-    assert ta.keys() == tb.keys()
-    assert any(k for k in ta if "lora_B" in k and ta[k].abs().max() > 1e-3)  # it trained
-    for key in ta:
-        torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=atol, msg=f"{key} {context}")
-
-
-@contextmanager
-def one_thread():
-    """In-process reference runs use one thread, as the subprocesses do (OMP_NUM_THREADS=1): another
-    thread count sums in another order, ~1e-7 relative per step, which Adam can grow past 1e-6."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def log_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-
-
-def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", records())
     args = ["--data", str(data), "--max-steps", "6", "--save-steps", "100", "--lora-dropout", "0"]
@@ -124,7 +85,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         ],
         "accelerate": [
             sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(Path(__file__).parents[2] / "configs" / "accelerate" / "ddp.yaml"),
+            "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
             "--num_processes", "2", "--main_process_port", str(free_port()),
         ],
     }  # fmt: skip
@@ -158,23 +119,6 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         losses = [row["loss"] for row in log_rows(out) if "loss" in row]
         reference = [row["loss"] for row in log_rows(single.output_dir) if "loss" in row]
         assert losses == pytest.approx(reference, rel=1e-5)
-
-
-def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended before {what}:\n{proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def logged_step(out: Path) -> int:
-    try:
-        rows = log_rows(out)
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half-written
-        return 0
-    return max((row["step"] for row in rows), default=0)
 
 
 def start(args: list[str]) -> subprocess.Popen:

@@ -135,7 +135,9 @@ def test_quantization_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch
     )
     cfg = make_config(tmp_path, "tiny-bloom-ja", seed_records(2, max_chars=80))
     cfg.model.quantization = "8bit"
-    with pytest.raises(KaikaError, match=r"--quantization 8bit needs the quantization extra.*kaika\[quantization\]"):
+    with pytest.raises(
+        KaikaError, match=r"--quantization 8bit needs the quantization extra.*kaika\[quantization\]"
+    ):
         train(cfg)
     assert not (tmp_path / "run").exists()
 

@@ -65,7 +65,14 @@ def reference(data, tmp_path_factory) -> Path:
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.qkv = 8, 16, 0.0, ["q,v"]
     t = cfg.train
     t.output_dir = str(tmp_path_factory.mktemp("reference") / "run")
-    t.batch_size, t.micro_batch_size, t.lr, t.max_steps, t.save_steps, t.logging_steps = 4, 2, 1e-2, STEPS, SAVE, 1
+    t.batch_size, t.micro_batch_size, t.lr, t.max_steps, t.save_steps, t.logging_steps = (
+        4,
+        2,
+        1e-2,
+        STEPS,
+        SAVE,
+        1,
+    )
     with one_thread():
         return train(cfg).output_dir
 
@@ -82,7 +89,9 @@ def k_rows_are_zero(out: Path) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_killed_and_resumed_engine_trains_the_one_process_adapter(engine, data, reference, tmp_path):
     out = tmp_path / "run"
-    cmd = kaika("train", *COMMON, "--data", str(data), "--output-dir", str(out), launcher=accelerate(ENGINES[engine]))
+    cmd = kaika(
+        "train", *COMMON, "--data", str(data), "--output-dir", str(out), launcher=accelerate(ENGINES[engine])
+    )
     ckpts = out / "checkpoints"
 
     # 1. SIGKILL every process once a checkpoint is complete and the next step is logged.
@@ -103,7 +112,11 @@ def test_killed_and_resumed_engine_trains_the_one_process_adapter(engine, data, 
         assert float(share) == 100.0 and "optimizer state and gradients sharded" in how, how
         last = max(ckpts.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
         partitions = sorted(p.name for p in last.glob("global_step*/*optim_states.pt"))
-        assert len(partitions) == 2 and any("rank_0" in p for p in partitions) and any("rank_1" in p for p in partitions)
+        assert (
+            len(partitions) == 2
+            and any("rank_0" in p for p in partitions)
+            and any("rank_1" in p for p in partitions)
+        )
     else:
         assert float(share) < 60.0 and "sharded" in how, how
 
@@ -113,3 +126,19 @@ def test_killed_and_resumed_engine_trains_the_one_process_adapter(engine, data, 
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # the log reads as one run
     want = [r["loss"] for r in log_rows(reference) if "loss" in r]
     assert [r["loss"] for r in rows] == pytest.approx(want, rel=1e-5)
+
+
+def test_fsdp2_shards_a_4bit_base_and_trains_the_one_process_adapter(data, tmp_path):
+    """QLoRA under FSDP2: the 4-bit weights are stored in the run's dtype (bnb_4bit_quant_storage), so
+    fully_shard splits them like any other weight."""
+    args = [*COMMON, "--quantization", "4bit", "--max-steps", "3", "--data", str(data)]
+    done = run(
+        kaika("train", *args, "--output-dir", str(tmp_path / "fsdp"), launcher=accelerate("fsdp.yaml"))
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    share, how = HOLDS.search(done.stderr).groups()
+    assert float(share) < 60.0 and "FSDP2" in how, how
+    one = run(kaika("train", *args, "--output-dir", str(tmp_path / "one")))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same_adapter(tmp_path / "fsdp", tmp_path / "one", atol=1e-5)
+    k_rows_are_zero(tmp_path / "fsdp")

@@ -379,6 +379,28 @@ class FaultWatch(TrainerCallback):
         self.restore()
 
 
+PEER_LOST = re.compile(
+    r"Connection (reset|closed|refused)|Broken pipe|Socket Timeout|timed out|Timeout|NCCL (error|communicator)"
+    r"|ProcessGroup\w* .*(abort|timeout)|peer",
+    re.IGNORECASE,
+)
+
+
+def lost_peer(exc: BaseException | None) -> str | None:
+    """The collective library's words when ``exc`` says another process of the run is gone (killed,
+    crashed, its node down, or silent past the collective timeout), else None."""
+    if exc is None or not isinstance(exc, RuntimeError):
+        return None
+    text = " ".join(str(exc).split())
+    distributed = (
+        isinstance(exc, getattr(torch.distributed, "DistError", ())) or "gloo" in text or "NCCL" in text
+    )
+    if not distributed or not PEER_LOST.search(text):
+        return None
+    text = re.sub(r"^\[[^\]]*/third_party/[^\]]*\] ", "", text)  # the C++ source location
+    return text.split(". This is typically")[0][:300]
+
+
 class guarded_training:
     """``with guarded_training(trainer, resume, log_file) as resume_from: trainer.train(resume_from)``.
 
@@ -416,6 +438,14 @@ class guarded_training:
             raise KaikaError(
                 f"training stopped: a write failed ({reason}). {self._last_good()} "
                 "Free some space (or fix the directory) and run again with --resume"
+            ) from exc
+        lost = lost_peer(exc)
+        if lost:
+            raise TrainingStopped(
+                f"training stopped at step {self.trainer.state.global_step + 1}: this process lost another "
+                f"process of the run ({lost}); a node or process died, or the network between them failed. "
+                f"{self._last_good()} When every node is back, run the same command on each with --resume",
+                exit_code=1,
             ) from exc
         if exc is not None:
             return False
