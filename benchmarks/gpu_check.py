@@ -41,7 +41,9 @@ GEMMA_270M = dict(
     num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32_768,
     query_pre_attn_scalar=256, sliding_window=512, rope_theta=1_000_000.0, final_logit_softcapping=None,
 )  # fmt: skip
-LINES = re.compile(r"verified:.*|adapter saved to.*|merged model written to.*|dtype auto:.*|loss: .*|kaika \w+: error: .*")
+LINES = re.compile(
+    r"verified:.*|adapter saved to.*|merged model written to.*|dtype auto:.*|loss: .*|kaika \w+: error: .*"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,7 +98,10 @@ def gemma_base(work: Path, small: bool) -> tuple[str, str]:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
         tokenizer.save_pretrained(out)
-    return str(out), f"random weights at {'tiny' if small else 'gemma-3-270m'} dims, vocabulary {GEMMA_270M['vocab_size'] if not small else 8192}"
+    return (
+        str(out),
+        f"random weights at {'tiny' if small else 'gemma-3-270m'} dims, vocabulary {GEMMA_270M['vocab_size'] if not small else 8192}",
+    )
 
 
 def kaika(*args: str, timeout: float) -> dict:
@@ -107,7 +112,10 @@ def kaika(*args: str, timeout: float) -> dict:
                               timeout=timeout, env=env)  # fmt: skip
         rc, text = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as e:
-        rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        rc, text = (
+            "timeout",
+            (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"),
+        )
     return {
         "command": "kaika " + " ".join(args),
         "rc": rc,
@@ -152,21 +160,54 @@ def main(argv=None) -> None:
     steps = {
         "gemma": lambda: [
             kaika(*train_args(base, work / "bf16", args.small, "--dtype", half), timeout=240),
-            kaika("merge", str(work / "bf16"), str(work / "bf16-merged"), "--dtype", half, "--force", timeout=120),
-            kaika("generate", str(work / "bf16"), "日本の首都はどこですか？", "--max-new-tokens", "32", timeout=120),
+            kaika(
+                "merge",
+                str(work / "bf16"),
+                str(work / "bf16-merged"),
+                "--dtype",
+                half,
+                "--force",
+                timeout=120,
+            ),
+            kaika(
+                "generate",
+                str(work / "bf16"),
+                "日本の首都はどこですか？",
+                "--max-new-tokens",
+                "32",
+                timeout=120,
+            ),
         ],
-        "qlora-4bit": lambda: kaika(*train_args(base, work / "4bit", args.small, "--dtype", half, "--quantization",
-                                                "4bit"), timeout=240),  # fmt: skip
-        "lora-8bit": lambda: kaika(*train_args(base, work / "8bit", args.small, "--dtype", half, "--quantization",
-                                               "8bit"), timeout=240),  # fmt: skip
-        "fp16": lambda: kaika(*train_args(base, work / "fp16", args.small, "--dtype",
-                                          "float16" if args.device == "cuda" else "float32", "--lora-bias", "all"),
-                              timeout=240),  # fmt: skip
+        "qlora-4bit": lambda: kaika(
+            *train_args(base, work / "4bit", args.small, "--dtype", half, "--quantization", "4bit"),
+            timeout=240,
+        ),  # fmt: skip
+        "lora-8bit": lambda: kaika(
+            *train_args(base, work / "8bit", args.small, "--dtype", half, "--quantization", "8bit"),
+            timeout=240,
+        ),  # fmt: skip
+        "fp16": lambda: kaika(
+            *train_args(
+                base,
+                work / "fp16",
+                args.small,
+                "--dtype",
+                "float16" if args.device == "cuda" else "float32",
+                "--lora-bias",
+                "all",
+            ),
+            timeout=240,
+        ),  # fmt: skip
     }
     for name, step in steps.items():
         if name not in args.skip:
             result = step()
-            record(name, {"runs": result, "rc": max(r["rc"] != 0 for r in result) * 1} if isinstance(result, list) else result)
+            record(
+                name,
+                {"runs": result, "rc": max(r["rc"] != 0 for r in result) * 1}
+                if isinstance(result, list)
+                else result,
+            )
     if "throughput" not in args.skip:
         bench = work / "throughput.json"
         sizes = ["tiny"] if args.small else ["560m"]
@@ -180,7 +221,9 @@ def main(argv=None) -> None:
         record("throughput", {"rc": done.returncode, "seconds": round(time.perf_counter() - start, 1),
                               "benchmark": rows, "tail": done.stderr[-1500:] if done.returncode else ""})  # fmt: skip
     failed = [n for n, r in report["steps"].items() if r.get("rc") != 0]
-    print(f"gpu check written to {out}; {'all steps passed' if not failed else 'failed: ' + ', '.join(failed)}")
+    print(
+        f"gpu check written to {out}; {'all steps passed' if not failed else 'failed: ' + ', '.join(failed)}"
+    )
     sys.exit(1 if failed else 0)
 
 

@@ -190,3 +190,18 @@ def test_gemma_3_270m_in_4bit_learns_and_lowers_its_elyza_loss(tmp_path):
     losses = eval_loss(result.output_dir, str(held_out), batch_size=8)
     assert losses["adapter"].loss < losses["base"].loss, losses
     assert json.loads((result.output_dir / "adapter_config.json").read_text())["target_modules"]
+
+
+def test_qlora_with_gradient_checkpointing_recomputes_without_reentrancy(bases):
+    """peft's k-bit preparation enables checkpointing itself; kaika asks it for the non-reentrant kind
+    (reentrant checkpointing recomputes without the frozen inputs' gradients, and warns every step)."""
+    base = load_model(ModelArgs(base_model=bases["llama"], quantization="4bit", dtype="float32"))
+    model = apply_lora(base, LoraArgs(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert layers, "no layer recomputes its activations"
+    for layer in layers:
+        assert layer._gradient_checkpointing_func.keywords.get("use_reentrant") is False
+    model.train()
+    ids = torch.randint(5, 200, (1, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

@@ -211,10 +211,23 @@ def load_model(args: ModelArgs, source: ModelSource | None = None, device_map: A
     except ImportError as e:
         raise missing_gguf(e) from None
     drop_gguf_quantizer(model)
+    report_partitioned(model)
     set_attention(model, args.attention)  # BLOOM only; others keep transformers' choice
     fuse_gelu(model)  # BLOOM only: one kernel for its tanh-approximated GELU
     model.eval()
     return model
+
+
+def report_partitioned(model) -> None:
+    """Under a DeepSpeed ZeRO-3 launch transformers partitions the weights as they load (the run's
+    distributed state exists first): say how much of the model this process holds."""
+    partitions = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if partitions:
+        held = sum(p.ds_tensor.numel() for p in partitions)
+        total = sum(p.ds_numel for p in partitions)
+        log.info(
+            "ZeRO-3 partitioned the base as it loaded: this process holds %.1f%% of it", 100 * held / total
+        )
 
 
 def one_cpu_packing(model) -> None:

@@ -45,12 +45,16 @@ class VerifyOn:
 
 
 def release_training_memory(trainer) -> None:
-    """Drop what only training needed: optimizer state, scheduler, gradients, the engine's buffers."""
+    """Drop what only training needed: optimizer state, scheduler, gradients, the engine's buffers; and
+    the autocast accelerate wrapped the model's forward in for mixed precision, so that the trained
+    model computes in its own dtype afterwards, as its saved copy will (the Python API returns it)."""
     model = trainer.model
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None:
+        model = trainer.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     trainer.optimizer = trainer.lr_scheduler = None
     for param in model.parameters():
         param.grad = None
-    accelerator = getattr(trainer, "accelerator", None)
     if accelerator is not None:  # DeepSpeed's engine (and its flat buffers) go with its last reference
         accelerator._models.clear()
         accelerator._optimizers.clear()
