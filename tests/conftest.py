@@ -41,3 +41,12 @@ def ja_tokenizer():
     from kaika.modeling.builtin import train_tokenizer
 
     return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """The builtin gemma-3-270m's tokenizer (262,144 tokens, its chat template), read once from the GGUF
+    file of its package (~12 s each time): tests only read it."""
+    from kaika.modeling.builtin import gemma_3_tokenizer
+
+    return gemma_3_tokenizer()

@@ -98,10 +98,8 @@ def test_alpaca_pairs_encode_exactly_as_kaika_train_encodes_the_record(ja_tokeni
     assert report.kept == 1 and report.chosen_truncated == report.rejected_truncated == 0
 
 
-def test_chat_template_pairs_end_with_the_end_of_turn_and_prompt_as_generation(tmp_path):
-    from kaika.modeling.builtin import gemma_3_tokenizer
-
-    tokenizer = gemma_3_tokenizer()
+def test_chat_template_pairs_end_with_the_end_of_turn_and_prompt_as_generation(gemma_tokenizer):
+    tokenizer = gemma_tokenizer
     template = resolve_template("chat", tokenizer)
     turns = [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "やあ"},
              {"role": "user", "content": "元気？"}]  # fmt: skip

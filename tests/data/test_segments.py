@@ -73,13 +73,6 @@ def test_kaika_template_masks_exactly_the_answers(ja_tokenizer, msgs, train_on):
             assert ja_tokenizer.decode(s.ids[:-1]) == s.text
 
 
-@pytest.fixture(scope="module")
-def gemma_tokenizer():
-    from kaika.modeling.builtin import gemma_3_tokenizer
-
-    return gemma_3_tokenizer()
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(msgs=conversations(alternate=True), train_on=st.sampled_from(["assistant", "last"]))
 def test_gemma_chat_template_masks_exactly_the_answers(gemma_tokenizer, msgs, train_on):
