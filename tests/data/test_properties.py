@@ -1,7 +1,8 @@
 """Property-based tests: random Unicode through the data loader and the masking function.
 
 Japanese, emoji, control characters, lookalike line breaks (U+2028, U+0085), special-token
-strings, empty and very long fields. The loader either returns exactly the records given or
+strings, empty and very long fields, and lone surrogates (what a ``\\ud800`` escape in JSON decodes to:
+not valid Unicode, which no tokenizer takes). The loader either returns exactly the records given or
 raises its documented ``DataError`` naming the bad lines; ``encode_example`` always keeps the
 masking invariants.
 """
@@ -22,27 +23,44 @@ FRAGMENTS = [
     "\x00", "\x1b[31m", "\x7f", "\u2028", "\u0085", "\ufeff", "\u200b", "</s>", "<pad>", "<s>",
     "<unk>", "### 指示:", "### 応答:", "é", "\U0001f600" * 3, " ",
 ]  # fmt: skip
+SURROGATES = ["\ud800", "\udfff", "\udc00x"]  # lone halves of a pair: in the files, JSON \\u escapes
 SETTINGS = settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
-def texts(max_size: int = 40) -> st.SearchStrategy[str]:
-    pieces = st.one_of(st.text(max_size=8), st.sampled_from(FRAGMENTS))
+def texts(max_size: int = 40, surrogates: bool = False) -> st.SearchStrategy[str]:
+    pieces = st.one_of(st.text(max_size=8), st.sampled_from(FRAGMENTS + (SURROGATES if surrogates else [])))
     short = st.lists(pieces, max_size=max_size).map("".join)
     very_long = st.tuples(st.sampled_from(FRAGMENTS[:5]), st.integers(500, 3000)).map(lambda t: t[0] * t[1])
     return st.one_of(short, short, short, very_long)
 
 
 field_values = st.one_of(
-    texts(), texts(), st.none(), st.integers(), st.lists(st.text(max_size=3), max_size=2)
+    texts(), texts(surrogates=True), st.none(), st.integers(), st.lists(texts(3, surrogates=True), max_size=2)
 )
 records = st.dictionaries(
     st.sampled_from(["instruction", "input", "output", "extra"]), field_values, max_size=4
 )
 
 
+def unicode(value) -> bool:
+    if isinstance(value, str):
+        return not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, list):
+        return all(unicode(v) for v in value)
+    return True
+
+
+def dump(value) -> str:
+    """JSON as an editor writes it (UTF-8, non-ASCII as is), lone surrogates as \\u escapes."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def is_valid(rec: dict) -> bool:
+    if not all(unicode(v) for v in rec.values()):
+        return False
+
     def ok(key: str, required: bool) -> bool:
         value = rec.get(key)
         if value is None:
@@ -57,9 +75,9 @@ def is_valid(rec: dict) -> bool:
 def test_loader_returns_the_records_or_names_every_bad_line(tmp_path, recs, as_array):
     path = tmp_path / ("data.json" if as_array else "data.jsonl")
     if as_array:
-        path.write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
+        path.write_text("[\n" + ",\n".join(dump(r) for r in recs) + "\n]", encoding="utf-8")
     else:
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+        path.write_text("".join(dump(r) + "\n" for r in recs), encoding="utf-8")
     bad = [i for i, r in enumerate(recs) if not is_valid(r)]
     try:
         loaded = load_records([str(path)])

@@ -171,3 +171,58 @@ def test_bom_json_lines_named_json_and_a_directory_of_files(tmp_path):
         load_records([str(d)])
     (problem,) = err.value.problems
     assert problem.where == "sub/b.json line 1 (record 0)" and problem.field == "output"
+
+
+def test_text_that_is_not_unicode_is_refused_by_every_reader_naming_record_and_field(tmp_path, capsys):
+    """A lone surrogate (JSON's "\\ud800" escape of half a pair) is read by Python's JSON as a string no
+    tokenizer, file or server takes: every reader refuses it, data check included, before any model."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps(GOOD, ensure_ascii=False) + "\n" + '{"instruction": "i\\ud800", "output": "o"}\n'
+        + '{"instruction": "i", "output": "o", "note": {"x": ["\\udfff"]}}\n',
+        encoding="utf-8",
+    )  # fmt: skip
+    problems, text = problems_of(path)
+    assert [(p.where, p.field) for p in problems] == [("line 2", "instruction"), ("line 3", "note.x[0]")]
+    assert "lone surrogate \\ud800 at character 2" in text
+    with pytest.raises(DataError, match="line 2"):
+        load_prompts(str(path))
+    for command in (["data", "check", str(path)], ["data", "stats", str(path)], ["train", "--data", str(path),
+                    "--output-dir", str(tmp_path / "run")]):  # fmt: skip
+        assert main(command) in (1, 2)
+        err = capsys.readouterr()
+        assert "line 2" in err.out + err.err and "lone surrogate" in err.out + err.err, command
+    assert not (tmp_path / "run").exists()
+
+
+def test_nesting_deeper_than_the_reader_is_a_named_problem_not_a_traceback(tmp_path, capsys):
+    deep = "[" * 5000 + "]" * 5000
+    (tmp_path / "deep.jsonl").write_text(json.dumps(GOOD) + "\n" + deep + "\n", encoding="utf-8")
+    (tmp_path / "deep.json").write_text(deep, encoding="utf-8")
+    for name, where in (("deep.jsonl", "line 2"), ("deep.json", "file")):
+        problems, _ = problems_of(tmp_path / name)
+        assert [p.where for p in problems] == [where] and "nested deeper" in problems[0].message
+        assert main(["data", "check", str(tmp_path / name)]) == 1
+        assert "nested deeper" in capsys.readouterr().out
+
+
+def test_a_data_directory_is_read_whole_or_refused_naming_what_it_would_not_read(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [GOOD])
+    (data / "README.md").write_text("# my data\n")  # documentation: skipped
+    assert len(load_records([str(data)])) == 1
+    (data / "more.csv").write_text("instruction,output\ni,o\n")
+    (data / "notes.txt").write_text("todo\n")
+    problems, _ = problems_of(data)
+    assert len(problems) == 1 and "more.csv, notes.txt" in problems[0].message
+    # Only other kinds of files, mixed: the datasets library would read one kind and drop the rest.
+    (data / "a.jsonl").unlink()
+    problems, _ = problems_of(data)
+    assert "several kinds (.csv, .txt)" in problems[0].message
+
+
+def test_control_characters_in_a_problem_are_shown_escaped(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"\x1b[31mred": "x", "output": "o"}])
+    _, text = problems_of(path)
+    assert "\x1b" not in text and "\\x1b[31mred" in text

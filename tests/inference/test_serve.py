@@ -266,9 +266,31 @@ def test_bodies_are_capped_and_big_ones_do_not_stall_the_server(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+def post_json(url: str, body, headers: dict) -> httpx.Response:
+    """JSON as the wire carries it: ASCII, a lone surrogate as its \\u escape (httpx's json= cannot)."""
+    headers = {**headers, "Content-Type": "application/json"}
+    return httpx.post(url, content=json.dumps(body).encode(), headers=headers, timeout=120)
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_where(server):
+    """JSON's "\\ud800" (half of a UTF-16 pair) decodes to a lone surrogate: refused, never a 500."""
+    url, headers = server[0], {"Authorization": f"Bearer {KEY}"}
+    bodies = {
+        "/v1/chat/completions": {"model": "ja", "messages": [{"role": "user", "content": "猫\ud800"}]},
+        "/v1/completions": {"model": "ja", "prompt": "吾輩は\udfff"},
+    }
+    for path, body in bodies.items():
+        for extra in ({}, {"stop": ["\ud800"]}):
+            if extra:
+                body = {**body, "messages": [{"role": "user", "content": "猫"}], "prompt": "猫", **extra}
+            r = post_json(url + path, body, headers)
+            assert r.status_code == 400, (path, extra, r.text)
+            assert "lone surrogate" in r.json()["error"]["message"]
+
+
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 8), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=4),
+    st.text(max_size=4), st.sampled_from(["\ud800", "a\udfffb", "\x1b[31m"]),
     st.lists(st.text(max_size=3), max_size=5), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )  # fmt: skip
 MESSAGES = st.one_of(
@@ -301,7 +323,10 @@ def test_any_request_is_answered_or_refused_in_openai_shape(server, chat, model,
         body["max_tokens"] = min(body["max_tokens"], 8)  # bounded: each accepted request generates
     path = "/v1/chat/completions" if chat else "/v1/completions"
     headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", url + path, json=body, headers=headers, timeout=120) as r:
+    headers["Content-Type"] = "application/json"  # the body as JSON on the wire: surrogates as \\u escapes
+    with httpx.stream(
+        "POST", url + path, content=json.dumps(body).encode(), headers=headers, timeout=120
+    ) as r:
         text = "".join(r.iter_text())
     if r.status_code == 200:
         if r.headers["content-type"].startswith("text/event-stream"):

@@ -10,7 +10,9 @@ and reported with the file, the line (JSONL, JSON) or record index (datasets) an
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ BUILTIN_DATA = {
     "elyza-tasks-100": "elyza_tasks_100/elyza_tasks_100.jsonl",  # evaluation only, CC BY-SA 4.0
 }
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,45 @@ class Problem:
 
     def __str__(self) -> str:
         fld = f" field {self.field!r}:" if self.field else ""
-        return f"{self.source}, {self.where}:{fld} {self.message}"
+        return shown(f"{self.source}, {self.where}:{fld} {self.message}")
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+NESTING = "JSON nested deeper than the reader goes (about 1,000 levels of [ and {); records are flat objects"
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print: control characters (ANSI escapes, NUL…) as escapes, never sent raw to
+    the terminal; lone surrogates as escapes (a terminal's encoder would fail on them)."""
+    text = CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def text_problem(value: Any, field: str | None = None) -> tuple[str | None, str] | None:
+    """(field, why) for the first string of a parsed JSON value, keys included, that is not valid
+    Unicode: a lone surrogate, which a ``\\ud800`` escape in JSON decodes to. No tokenizer, file or
+    server can take it; every reader refuses it here, naming the record and field."""
+    if isinstance(value, str):
+        bad = LONE_SURROGATE.search(value)
+        if bad:
+            return field, (
+                f"not valid Unicode: a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start() + 1} "
+                "(half of a \\u escape pair); fix or remove it"
+            )
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = text_problem(key, field) if isinstance(key, str) else None
+            found = found or text_problem(item, key if field is None else f"{field}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = text_problem(item, f"{field or 'record'}[{i}]")
+            if found:
+                return found
+    return None
 
 
 class DataError(KaikaError):
@@ -72,11 +113,16 @@ def _iter_jsonl(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tup
         if not text.strip():
             continue
         try:
-            yield f"line {lineno}", json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError as e:
             problems.append(
                 Problem(str(path), f"line {lineno}", None, f"malformed JSON at column {e.colno}: {e.msg}")
             )
+            continue
+        except RecursionError:
+            problems.append(Problem(str(path), f"line {lineno}", None, NESTING))
+            continue
+        yield f"line {lineno}", record
 
 
 def _iter_json(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
@@ -99,6 +145,9 @@ def _iter_json(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tupl
         problems.append(
             Problem(str(path), f"line {e.lineno}", None, f"malformed JSON at column {e.colno}: {e.msg}")
         )
+        return
+    except RecursionError:
+        problems.append(Problem(str(path), "file", None, NESTING))
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):  # {"data": [...]} is common too
         for i, rec in enumerate(data["data"]):
@@ -128,7 +177,7 @@ def _iter_dataset(source: str, problems: list[Problem]) -> Iterator[tuple[str, A
 
     path = Path(source)
     try:
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        if path.is_dir() and _is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
         else:
             ds = datasets.load_dataset(source, split="train")
@@ -150,28 +199,77 @@ def _one_json_value(raw: bytes) -> bool:
         json.loads(raw)
     except json.JSONDecodeError as e:
         return e.msg != "Extra data"  # a later value after the first: JSON Lines
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, RecursionError):
         return True  # reported by the JSON reader with its position
     return True
 
 
-def _json_files(directory: Path) -> list[Path]:
-    """The data files of a directory that holds only JSON/JSONL data (not a saved dataset)."""
-    if (directory / "dataset_info.json").exists() or (directory / "state.json").exists():
+# Files in a data directory that document it rather than hold records: skipped, and said so.
+DOC_FILES = re.compile(
+    r"^(README|LICEN[CS]E|COPYING|NOTICE|PROVENANCE|CHANGELOG)([._-].*)?$|\.md$", re.IGNORECASE
+)
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def _is_saved_dataset(directory: Path) -> bool:
+    return (directory / "dataset_info.json").exists() or (directory / "state.json").exists()
+
+
+def _data_files(directory: Path, problems: list[Problem]) -> list[Path] | None:
+    """The JSON/JSONL files of a data directory (not a saved dataset), every one of them; None when
+    the directory holds no JSON (another format: the datasets library reads it). A directory that mixes
+    JSON with files of other kinds is refused naming them: no file of it is left unread in silence."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(directory).parts))  # fmt: skip
+    docs = [p for p in files if DOC_FILES.search(p.name)]
+    data = [p for p in files if p not in docs]
+    json_files = [p for p in data if p.suffix in JSON_SUFFIXES]
+    if not json_files:
+        kinds = sorted({p.suffix or "(no suffix)" for p in data})
+        if len(kinds) > 1:  # the datasets library would read the commonest kind and leave the rest
+            problems.append(
+                Problem(str(directory), "directory", None,
+                        f"holds files of several kinds ({', '.join(kinds)}); one kind of data file per directory")
+            )  # fmt: skip
+            return []
+        return None
+    others = [p for p in data if p.suffix not in JSON_SUFFIXES]
+    if others:
+        names = ", ".join(str(p.relative_to(directory)) for p in others[:8]) + (
+            " …" if len(others) > 8 else ""
+        )
+        problems.append(
+            Problem(
+                str(directory),
+                "directory",
+                None,
+                f"holds JSON/JSONL data and {len(others)} file(s) kaika would not read as data: {names}. "
+                "Move them out, or give the data files themselves",
+            )
+        )
         return []
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if files and all(p.suffix in (".json", ".jsonl") for p in files):
-        return files
-    return []
+    if docs:
+        log.info("%s: not data, skipped: %s", directory, ", ".join(p.name for p in docs))
+    return json_files
 
 
 def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
-    """``(where, raw record)`` of one source, unvalidated; read errors are appended to ``problems``.
+    """``(where, raw record)`` of one source, read but not validated as records; read errors, and
+    records holding text that is not valid Unicode, are appended to ``problems`` instead.
 
     The one reader of JSON, JSONL and dataset sources: training data, prompts, evaluation tasks,
     pretraining text, and the tools that look at records as they are (data check, translate).
     A name of :data:`BUILTIN_DATA` reads the file shipped with kaika.
     """
+    for where, rec in _iter_source(source, problems):
+        bad = text_problem(rec)
+        if bad is not None:
+            problems.append(Problem(source, where, bad[0], bad[1]))
+            continue
+        yield where, rec
+
+
+def _iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
     path = builtin_data_path(source) or Path(source)
     if path.is_file():
         try:
@@ -187,13 +285,15 @@ def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any
         # into files named .json, and a .json of one record per line is common.
         is_array = raw.lstrip()[:1] == b"[" or (path.suffix == ".json" and _one_json_value(raw))
         yield from (_iter_json if is_array else _iter_jsonl)(path, raw, problems)
-    elif path.is_dir() and _json_files(path):
+        return
+    files = _data_files(path, problems) if path.is_dir() and not _is_saved_dataset(path) else None
+    if files is not None:
         # A directory of JSON/JSONL files: each read as a file, so a problem names its file and line.
-        for file in _json_files(path):
+        for file in files:
             rel = file.relative_to(path)
-            for where, rec in iter_source(str(file), problems):
+            for where, rec in _iter_source(str(file), problems):
                 yield f"{rel} {where}", rec
-    elif path.is_dir() or ("/" in source and path.suffix not in (".json", ".jsonl") and not path.exists()):
+    elif path.is_dir() or ("/" in source and path.suffix not in JSON_SUFFIXES and not path.exists()):
         yield from _iter_dataset(source, problems)
     else:
         problems.append(

@@ -19,7 +19,7 @@ import torch
 from kaika.atomic import staged_output
 from kaika.config import PretrainConfig, check
 from kaika.data.packing import PackedCollator, enable_packed_attention, pack_documents
-from kaika.data.records import DataError, Problem, iter_source, split_records
+from kaika.data.records import DOC_FILES, DataError, Problem, iter_source, split_records
 from kaika.data.tokenize import pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
 from kaika.guard import check_inputs_outside
@@ -172,10 +172,23 @@ def check_pretrain_config(cfg: PretrainConfig) -> Path:
 
 
 def _text_files(directory: Path) -> list[Path]:
-    files = sorted(f for f in directory.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
-    if not files:
+    """Every text file of a directory; files of other kinds are refused by name (none left unread in
+    silence), its README/LICENSE/PROVENANCE and Markdown files skipped as documentation."""
+    files = sorted(f for f in directory.rglob("*") if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(directory).parts))  # fmt: skip
+    data = [f for f in files if not DOC_FILES.search(f.name)]
+    others = [f for f in data if f.suffix not in TEXT_SUFFIXES]
+    if others:
+        names = ", ".join(str(f.relative_to(directory)) for f in others[:8]) + (
+            " …" if len(others) > 8 else ""
+        )
+        raise KaikaError(
+            f"{directory} holds {len(others)} file(s) that are not text kaika reads (.txt, .jsonl, .json): "
+            f"{names}. Move them out, or give the text files themselves"
+        )
+    if not data:
         raise KaikaError(f"{directory} holds no .txt, .jsonl or .json file")
-    return files
+    return data
 
 
 def read_documents(sources: list[str], text_field: str) -> list[str]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kaika.data.records import text_problem
 from kaika.inference.engine import Result
 
 
@@ -23,6 +24,15 @@ class Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**32)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: Any) -> Any:
+        """JSON may carry half of a UTF-16 pair ("\\ud800"), which decodes to text no tokenizer takes."""
+        bad = text_problem(data)
+        if bad is not None:
+            raise ValueError(f"{bad[0] or 'a key'}: {bad[1]}")
+        return data
 
     def stops(self) -> list[str]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
