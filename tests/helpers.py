@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SEED_TASKS = Path(__file__).resolve().parents[1] / "data" / "alpaca_jp_seed_tasks" / "seed_tasks_ja.jsonl"
@@ -99,3 +101,24 @@ def build_model(kind: str, tokenizer, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def in_mount_namespace(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``sh -c script`` in a private mount namespace, where it may mount a tmpfs (root or not:
+    ``unshare --map-root-user``). Tests run as root, where chmod does not stop writes; a read-only
+    or tiny file system does."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    probe = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True
+    )
+    if probe.returncode:
+        pytest.skip(f"mount namespaces are not allowed here: {probe.stderr.decode().strip()}")
+    env = {**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -126,3 +126,102 @@ def test_a_save_killed_midway_leaves_the_old_adapter(adapter_dir, tmp_path):
         (stage / "x").write_text("")
     assert not list(out.glob(STAGE_PREFIX + "*"))
     json.loads((out / ADAPTER_CONFIG).read_text())
+
+
+# --------------------------------------------------------------------------- the one writer of files
+
+
+def test_written_files_appear_whole_keep_the_mode_and_follow_links(tmp_path):
+    import os
+    import stat
+
+    from kaika.atomic import written_file, written_files
+
+    existing = tmp_path / "old.jsonl"
+    existing.write_text("old\n")
+    existing.chmod(0o640)
+    new = tmp_path / "missing" / "parent" / "new.jsonl"
+    with written_files([existing, new]) as (a, b):
+        a.write("first\n")
+        b.write("second\n")
+        assert existing.read_text() == "old\n" and not new.exists()  # nothing visible until the end
+    assert existing.read_text() == "first\n" and new.read_text() == "second\n"
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640  # the replaced file's mode
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask  # a new file's mode, as the umask says
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(existing)
+    with written_file(link) as f:
+        f.write("through the link\n")
+    assert link.is_symlink() and existing.read_text() == "through the link\n"
+    with pytest.raises(ValueError), written_file(existing) as f:  # the block fails: nothing changes
+        f.write("half")
+        raise ValueError
+    assert existing.read_text() == "through the link\n"
+    assert not list(tmp_path.rglob("*.kaika-tmp"))
+
+
+def test_a_device_or_a_fifo_is_written_through_never_replaced_and_a_directory_is_refused(tmp_path):
+    import os
+    import stat
+    import threading
+
+    from kaika.atomic import written_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    with written_file(fifo) as f:
+        f.write("streamed\n")
+    reader.join(timeout=10)
+    assert got == ["streamed\n"] and stat.S_ISFIFO(fifo.stat().st_mode)
+    device = tmp_path / "null"
+    try:  # a device node of the test's own (major 1, minor 3: what /dev/null is), never the machine's
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        device = None
+    if device is not None:
+        with written_file(device) as f:
+            f.write("gone\n")
+        assert stat.S_ISCHR(device.stat().st_mode)  # still the device
+    with pytest.raises(KaikaError, match="is a directory"), written_file(tmp_path):
+        pass
+    if device is None:
+        pytest.skip("mknod is not allowed here: the character-device case was not run (the FIFO case was)")
+
+
+def test_a_full_or_read_only_disk_is_a_clear_error_and_leaves_nothing(tmp_path):
+    """On a file system the test mounts itself (a 64 kB tmpfs, then the same read-only): the writer and a
+    command that uses it (data convert) fail with the file and the reason; the old file is untouched."""
+    from helpers import in_mount_namespace, seed_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "data.jsonl", seed_records(200))  # converted, larger than the disk
+    (tmp_path / "disk").mkdir()
+    script = """
+        mount -t tmpfs -o size=64k none "$1" || exit 90
+        echo old > "$1/out.jsonl"
+        "$PY" -c 'import sys
+from kaika.atomic import written_file
+from kaika.errors import KaikaError
+try:
+    with written_file(sys.argv[1]) as f:
+        f.write("x" * 200_000)
+except KaikaError as e:
+    print("refused:", e)' "$1/out.jsonl"
+        ls -a "$1"
+        cat "$1/out.jsonl"
+        "$PY" -m kaika data convert "$2" -o "$1/conv.jsonl" --to messages; echo "rc $?"
+        mount -o remount,ro "$1"
+        "$PY" -m kaika data convert "$2" -o "$1/conv.jsonl" --to messages; echo "rc $?"
+    """
+    done = in_mount_namespace(script, str(tmp_path / "disk"), str(data))
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, err
+    assert "refused: could not write --output" in out and "No space left on device" in out
+    assert ".kaika-tmp" not in out and "\nold\n" in out  # no temporary file left, the old file as it was
+    assert out.count("rc 2") == 2 and "Traceback" not in err
+    assert "could not write the converted file" in err and "No space left on device" in err
+    assert "Read-only file system" in err

@@ -22,10 +22,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kaika.errors import KaikaError
 
@@ -80,11 +81,18 @@ def remove_stale_stages(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, commit: str = ADAPTER_WEIGHTS) -> Iterator[Path]:
+def staged_output(
+    out: Path,
+    commit: str = ADAPTER_WEIGHTS,
+    stale: Iterable[str] = (),
+    hint: str = "Free some space and run again with --resume (the last checkpoint is kept)",
+) -> Iterator[Path]:
     """Yield an empty directory to write into; on success publish its files into ``out``.
 
-    ``commit`` (the adapter weights) is removed from ``out`` before anything moves and is moved
-    in last. On an exception nothing in ``out`` changes and the staging directory is deleted.
+    ``commit`` (the adapter weights, an evaluation's summary) is removed from ``out`` before anything
+    moves and is moved in last; then the files named in ``stale`` that this save did not write (an
+    earlier save's, that would not belong with it) are deleted. On an exception nothing in ``out``
+    changes and the staging directory is deleted; a failed write names ``hint``.
     """
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_stages(out)
@@ -96,13 +104,14 @@ def staged_output(out: Path, commit: str = ADAPTER_WEIGHTS) -> Iterator[Path]:
             reason = write_failure(e)
             if reason:
                 raise KaikaError(
-                    f"could not write the save to {out} ({reason}); nothing there was replaced. "
-                    "Free some space and run again with --resume (the last checkpoint is kept)"
+                    f"could not write the save to {out} ({reason}); nothing there was replaced. {hint}"
                 ) from e
             raise
         _fsync_tree(stage)
         names = sorted(p.name for p in stage.iterdir())
         (out / commit).unlink(missing_ok=True)
+        for name in set(stale) - set(names):
+            (out / name).unlink(missing_ok=True)
         for name in sorted(names, key=lambda n: n == commit):  # the commit file last
             target = out / name
             if target.is_dir() and not target.is_symlink():
@@ -111,6 +120,104 @@ def staged_output(out: Path, commit: str = ADAPTER_WEIGHTS) -> Iterator[Path]:
         _fsync(out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- files outside training
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _target(path: Path, what: str) -> tuple[Path, bool]:
+    """(the file to write, whether it is written through rather than replaced). A symbolic link is
+    followed (the link stays, its file is replaced); a character device or a FIFO (``/dev/stdout``, a
+    pipe) is written through: replacing it would put a regular file where the device was. A directory
+    or another kind of special file is refused."""
+    target = path.resolve() if path.is_symlink() else path
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return target, False
+    except OSError as e:
+        raise KaikaError(f"{what} {path}: cannot look at it ({e.strerror})") from None
+    if stat.S_ISREG(st.st_mode):
+        return target, False
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return target, True
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+    raise KaikaError(f"{what} {path} is {kind}; give the path of a file to write")
+
+
+@contextlib.contextmanager
+def written_files(
+    paths: list[str | Path], what: str = "--output", binary: bool = False
+) -> Iterator[list[IO]]:
+    """``with written_files([a, b]) as (fa, fb):`` each file whole or not at all, the one writer of
+    every output kaika writes outside a training run.
+
+    Each file is written to a temporary file beside it, flushed to disk, given the mode a new file
+    gets under the umask (or the mode of the file it replaces), and moved over the target when the
+    block ends; if the block or a write fails (full disk, read-only directory, no permission), the
+    temporary files are removed, no existing file is touched, and the failure is a ``KaikaError``
+    naming the file and the reason. Devices and FIFOs are written through (see :func:`_target`).
+    """
+    targets = [(Path(p), *_target(Path(p), what)) for p in paths]
+    opened: list[tuple[IO, Path | None]] = []  # (handle, temporary file or None when written through)
+    current = targets[0][0] if targets else None
+    try:
+        for given, target, through in targets:
+            current = given
+            if through:
+                handle = open(target, "wb" if binary else "w", encoding=None if binary else "utf-8")  # noqa: SIM115
+                opened.append((handle, None))
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".kaika-tmp")
+            handle = os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8")
+            opened.append((handle, Path(tmp)))
+        yield [handle for handle, _ in opened]
+        for (handle, tmp), (given, _, _) in zip(opened, targets, strict=True):
+            current = given
+            handle.flush()
+            if tmp is not None:
+                os.fsync(handle.fileno())
+            handle.close()
+        for (_, tmp), (given, target, _) in zip(opened, targets, strict=True):
+            if tmp is None:
+                continue
+            current = given
+            mode = stat.S_IMODE(os.stat(target).st_mode) if target.exists() else 0o666 & ~_umask()
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+            _fsync(target.parent)
+    except BaseException as e:
+        for handle, tmp in opened:
+            with contextlib.suppress(OSError):
+                handle.close()
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or write_failure(e):
+            reason = write_failure(e) or (e.strerror if isinstance(e, OSError) else str(e))
+            raise KaikaError(
+                f"could not write {what} {current} ({reason}); nothing was written there, and no existing file "
+                "was changed"
+            ) from e
+        raise
+
+
+@contextlib.contextmanager
+def written_file(path: str | Path, what: str = "--output", binary: bool = False) -> Iterator[IO]:
+    """:func:`written_files` for one file."""
+    with written_files([path], what, binary) as (handle,):
+        yield handle
+
+
+def write_text(path: str | Path, text: str, what: str = "--output") -> None:
+    with written_file(path, what) as f:
+        f.write(text)
 
 
 def safetensors_problem(path: Path) -> str | None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import seed_records, write_jsonl
+from helpers import in_mount_namespace, seed_records, write_jsonl
 from kaika.config import TrainConfig
 from kaika.errors import KaikaError
 from kaika.training.faults import TrainingStopped, checkpoint_problem, resume_checkpoint, trim_log
@@ -71,27 +68,6 @@ def test_output_dir_under_a_file_fails_before_anything_is_read(tmp_path):
     cfg.train.output_dir = str(tmp_path / "file" / "run")
     with pytest.raises(KaikaError, match=r"cannot create output_dir .*file is a file, not a directory"):
         train(cfg)
-
-
-def in_mount_namespace(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``sh -c script`` in a private mount namespace, where it may mount a tmpfs (root or not:
-    ``unshare --map-root-user``). Tests run as root, where chmod does not stop writes; a read-only
-    or tiny file system does."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) for a private tmpfs")
-    probe = subprocess.run(
-        ["unshare", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True
-    )
-    if probe.returncode:
-        pytest.skip(f"mount namespaces are not allowed here: {probe.stderr.decode().strip()}")
-    env = {**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_read_only_output_dir_is_a_clear_error_before_training(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from kaika.cli.options import add_dataclass_args
 from kaika.config import DataArgs, ModelArgs, coerce, from_dict
@@ -128,7 +127,9 @@ def add_data(p: argparse.ArgumentParser) -> None:
 
 def _write_json(path: str | None, data: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        from kaika.atomic import write_text
+
+        write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n", "--json")
 
 
 def run_check(ns: argparse.Namespace) -> int:

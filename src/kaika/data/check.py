@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kaika.atomic import written_files
 from kaika.config import DataArgs
 from kaika.data.records import FIELDS, Problem, iter_source, normalise_record
 from kaika.data.stats import TokenLengths
@@ -658,9 +659,9 @@ def fix_files(
         mine = [r for r in recs if r.source == source]
         japanese = opts.lang == "ja" or (opts.lang == "auto" and is_japanese_source(mine))
         fixed, log = targets[source]
-        fixed.parent.mkdir(parents=True, exist_ok=True)
         changes = 0
-        with fixed.open("w", encoding="utf-8") as fo, log.open("w", encoding="utf-8") as fl:
+        # Both files appear whole, together, or neither does: a rerun never meets half a fix.
+        with written_files([fixed, log], "--fix output") as (fo, fl):
             for rec in mine:
                 raw = rec.raw
                 if rec.fields and isinstance(raw, dict) and not rec.conversation:  # Alpaca fields only

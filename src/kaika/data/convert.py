@@ -13,11 +13,11 @@ The input is read and checked as ``kaika train`` reads it; the output is written
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from kaika.atomic import written_file
 from kaika.data.conversations import to_alpaca, training_messages
 from kaika.data.records import load_records
 from kaika.errors import KaikaError
@@ -77,13 +77,7 @@ def convert_file(
             f"{len(left_out)} conversation(s) have more than one exchange and no Alpaca form, the first at "
             f"{left_out[0]}; nothing was written (without --strict they are left out)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.kaika-tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for rec in converted:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)  # whole or not at all
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
+    with written_file(out, "the converted file") as f:  # whole or not at all
+        for rec in converted:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return ConvertResult(out, len(converted), left_out)

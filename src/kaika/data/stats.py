@@ -178,8 +178,12 @@ def plot_histogram(lengths: dict[str, list[int]], report: StatsReport, cutoff_le
     ax.set_title(", ".join(Path(s).name for s in report.sources))
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    from kaika.atomic import written_file
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    fmt = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
+    with written_file(path, "--plot", binary=True) as f:
+        fig.savefig(f, dpi=100, format=fmt)
     plt.close(fig)
 
 

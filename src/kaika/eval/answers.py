@@ -21,12 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kaika.atomic import staged_output
 from kaika.config import GenerateArgs
 from kaika.data.records import DataError, Problem, builtin_data_path, iter_source
 from kaika.errors import KaikaError
 from kaika.eval import metrics
 from kaika.eval.loss import load_subject, variants
-from kaika.guard import check_not_input
+from kaika.guard import DirLock, check_not_input
 from kaika.inference.generate import Loaded
 from kaika.rundir import EVAL_SUMMARY
 
@@ -171,7 +172,17 @@ def eval_generate(
     if judge is not None:
         judge.check()  # a bad judge URL or key fails before minutes of generation
     subject = load_subject(path, base_model, dtype, template)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is written aside and published together, the summary last; an earlier evaluation's
+    # files that this one does not write again are removed with its summary: the directory is never a mix.
+    ours = (*(answers_file(n) for n in ("base", "adapter", "model")), SUMMARY_MD, *JUDGE_FILES)
+    with (
+        DirLock(out, "eval generate"),
+        staged_output(out, commit=SUMMARY_JSON, stale=ours, hint="Free some space and run it again") as stage,
+    ):
+        return _answer_and_write(subject, path, tasks_file, tasks, args, base_also, judge, stage)
+
+
+def _answer_and_write(subject, path, tasks_file, tasks, args, base_also, judge, out: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "model": str(path),
         "tasks_file": str(tasks_file),
@@ -199,6 +210,10 @@ def eval_generate(
     )
     (out / SUMMARY_MD).write_text(summary_markdown(summary), encoding="utf-8")
     return summary
+
+
+# The files a judged evaluation adds (kaika.eval.judge writes them).
+JUDGE_FILES = ("judge_prompt.txt", *(f"judgments_{n}.jsonl" for n in ("base", "adapter", "model")))
 
 
 # --------------------------------------------------------------------------- summary table

@@ -108,9 +108,10 @@ def eval_loss(
                 subject.model, features, tok.pad_token_id, batch_size, f"loss ({name})"
             )
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(
-            json.dumps({k: asdict(v) for k, v in results.items()}, indent=2) + "\n", encoding="utf-8"
+        from kaika.atomic import write_text
+
+        write_text(
+            json_path, json.dumps({k: asdict(v) for k, v in results.items()}, indent=2) + "\n", "--json"
         )
     return results
 

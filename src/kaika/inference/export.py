@@ -28,7 +28,15 @@ from kaika.data.segments import prompt_ids, stop_ids
 from kaika.errors import KaikaError
 from kaika.guard import check_inputs_outside
 from kaika.inference.card import Check, base_facts, model_card
-from kaika.inference.merge import Merged, check_out_dir, compare, merge_in_memory, save_notices, written_aside
+from kaika.inference.merge import (
+    PARTIAL_MARK,
+    Merged,
+    check_out_dir,
+    compare,
+    merge_in_memory,
+    save_notices,
+    written_aside,
+)
 from kaika.inference.ollama import modelfile
 from kaika.modeling.to_gguf import QUANTS, reader_config, rope_of, write_gguf
 from kaika.modeling.verify import masked_logits
@@ -130,7 +138,7 @@ def export(
             (tmp / "Modelfile").write_text(
                 modelfile(name, template, tokenizer, stop_texts, notice), encoding="utf-8"
             )
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL_MARK)
     log.info(
         "GGUF %s written to %s (read back: max |Δlogit| %.2e vs the written weights; %s moves the logits by %.2e)",
         quant,

@@ -148,15 +148,16 @@ def generate(
 def answer_file(
     loaded: Loaded, records: list[dict[str, str]], args: GenerateArgs, output: str | Path | None
 ) -> None:
-    """Answer ``records`` in batches, writing one JSON line per record (to ``output`` or stdout) as it goes."""
+    """Answer ``records`` in batches, one JSON line per record: to stdout as they come, or to ``output``,
+    which appears whole when every answer is written (a stopped run leaves no half file behind)."""
     import sys
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
 
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-    sink = Path(output).open("w", encoding="utf-8") if output else nullcontext(sys.stdout)  # noqa: SIM115
+    from kaika.atomic import written_file
+
+    sink = written_file(output, "--output") if output else nullcontext(sys.stdout)
     with (
         sink as out,
         tqdm(total=len(records), desc="generating", unit="prompt", disable=output is None) as bar,

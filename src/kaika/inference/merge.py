@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kaika.atomic import write_failure
 from kaika.config import DpoConfig, ModelArgs, TrainConfig
 from kaika.data.messages import jinja_chat_template
 from kaika.data.prompts import ChatTemplate, Template
@@ -159,7 +160,7 @@ def merge(
             m.diff, m.tol, m.trained_quantized, dtype=dtype, rounding=rounding, quantized_gap=m.quantized_gap
         )
         (tmp / "README.md").write_text(model_card(m.cfg, m.template, adapter_dir, check), encoding="utf-8")
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL_MARK)
     log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, m.diff, m.tol)
     return MergeResult(out_dir, m.diff, m.tol, rounding, dtype, files)
 
@@ -168,16 +169,34 @@ def merge(
 def written_aside(out_dir: Path) -> Iterator[Path]:
     """A temporary directory beside ``out_dir`` to write a model into; once the block has written and
     checked it, it is renamed to ``out_dir`` (a previous one, which ``--force`` allowed, goes first:
-    checked again now that kaika wrote it). A failure leaves nothing behind."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    checked again now that kaika wrote it). A failure leaves nothing behind; what a killed run left
+    (a hidden directory as large as the model) is removed by the next run into the same place, and said."""
+    prefix = f".{out_dir.name}.kaika-partial-"
     try:
-        yield tmp
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.parent.glob(prefix + "*"):
+            if stale.is_dir() and (stale / PARTIAL_MARK).is_file():
+                log.warning("removing %s, left by an earlier write that was killed", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+        (tmp / PARTIAL_MARK).write_text("written by kaika; incomplete until renamed\n", encoding="utf-8")
+    except OSError as e:
+        raise KaikaError(f"cannot write into {out_dir.parent}: {e.strerror}; nothing was written") from None
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            reason = write_failure(e) or e.strerror
+            raise KaikaError(f"could not write {out_dir} ({reason}); nothing was written") from e
+        (tmp / PARTIAL_MARK).unlink()
         if out_dir.exists():
             replace_owned(out_dir, "--force")
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+PARTIAL_MARK = ".kaika-partial"  # inside a model being written aside: kaika's own, incomplete
 
 
 def save_notices(run: RunDir, out: Path) -> None:
