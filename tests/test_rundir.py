@@ -85,3 +85,52 @@ def test_a_whole_model_where_an_adapter_is_wanted_says_so(tmp_path):
         KaikaError, match="is a whole model, not an adapter: serve it with kaika serve --base-model"
     ):
         RunDir.open(tmp_path / "merged")
+
+
+def test_an_adapter_is_loaded_only_on_the_base_it_was_trained_on(tmp_path, ja_tokenizer):
+    """The run records its base (files' sizes and hashes); a base that changed since is refused naming
+    what changed, before any model loads, unless --base-model asks for it on purpose. A base of other
+    dimensions is refused naming both, not peft's "size mismatch" traceback."""
+    from helpers import build_model, seed_records, write_jsonl
+    from kaika.config import TrainConfig
+    from kaika.inference.export import export
+    from kaika.inference.generate import load_for_inference
+    from kaika.rundir import BASE_FINGERPRINT
+    from kaika.training.sft import train
+
+    base = build_model("llama", ja_tokenizer, tmp_path / "base")
+    cfg = TrainConfig()
+    cfg.model.base_model = str(base)
+    cfg.data.data, cfg.data.cutoff_len = (
+        [str(write_jsonl(tmp_path / "d.jsonl", seed_records(4, max_chars=100)))],
+        96,
+    )
+    cfg.train.output_dir, cfg.train.max_steps, cfg.train.batch_size, cfg.train.micro_batch_size = (
+        str(tmp_path / "run"), 1, 4, 4)  # fmt: skip
+    run = train(cfg).output_dir
+    recorded = json.loads((run / BASE_FINGERPRINT).read_text())
+    assert set(recorded["files"]) == {"config.json", "model.safetensors"}
+    load_for_inference(run)  # unchanged: loads
+
+    build_model("llama", ja_tokenizer, tmp_path / "base", seed=1)  # the same path, retrained weights
+    for attempt in (lambda: load_for_inference(run), lambda: export(run, tmp_path / "gguf")):
+        with pytest.raises(
+            KaikaError, match="has changed since: model.safetensors has other contents"
+        ) as err:
+            attempt()
+        assert f"--base-model {base}" in str(err.value)
+    assert not (tmp_path / "gguf").exists()
+    load_for_inference(run, base_model=str(base))  # on purpose: allowed, it fits
+
+    other = tmp_path / "bloom"
+    build_model("bloom", ja_tokenizer, other)
+    with pytest.raises(KaikaError, match=f"does not fit the base model {other}.*not found in the base model"):
+        load_for_inference(run, base_model=str(other))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wider = AutoConfig.from_pretrained(base)
+    wider.hidden_size, wider.head_dim = 128, 32
+    AutoModelForCausalLM.from_config(wider).save_pretrained(tmp_path / "wider")
+    ja_tokenizer.save_pretrained(tmp_path / "wider")
+    with pytest.raises(KaikaError, match="does not fit the base model .*wider.*size mismatch"):
+        load_for_inference(run, base_model=str(tmp_path / "wider"))

@@ -48,6 +48,7 @@ CURVE_FILE = "loss_curve.png"
 CHECKPOINTS = "checkpoints"
 EVAL_DIR = "eval"  # kaika eval outputs kept with a run: eval/NAME/summary.json, eval/NAME.json (loss)
 EVAL_SUMMARY = "summary.json"
+BASE_FINGERPRINT = "base_fingerprint.json"  # the base a run was trained on: its files' sizes and hashes
 # Files that mark a directory as a kaika run, so --overwrite never empties an unrelated folder.
 RUN_MARKERS = (CONFIG_FILE, PRETRAIN_CONFIG_FILE, DPO_CONFIG_FILE, ADAPTER_CONFIG, CHECKPOINTS, LOG_FILE)
 # Saved configs, in the order they are looked for, and the class each holds.
@@ -117,6 +118,8 @@ class RunDir:
             model_args = replace(config.model) if config is not None else ModelArgs(base_model=base_of(path))
             if base_model:
                 model_args = replace(model_args, base_model=base_model, gguf_file=None)
+            else:
+                check_base_unchanged(path, model_args)
         else:
             if base_model:
                 raise KaikaError(f"--base-model only applies to adapters; {name} is a whole model")
@@ -140,6 +143,39 @@ class RunDir:
             run_template(path, config, template, tokenizer_source),
             config,
         )
+
+
+def check_base_unchanged(run_dir: Path, model_args: ModelArgs) -> None:
+    """The base a run will be loaded on is the one it was trained on (``base_fingerprint.json``), or
+    the run is refused naming both: an adapter on other weights is another model, however well it
+    loads. ``--base-model`` is the way to use another base on purpose."""
+    from kaika.modeling.load import base_fingerprint, fingerprint_differences
+
+    recorded, problem = read_marker(run_dir / BASE_FINGERPRINT)
+    if problem or not recorded:  # a run from before kaika recorded it, or an adapter from elsewhere
+        return
+    now = base_fingerprint(resolve_source(model_args))
+    if now is None:
+        return
+    changed = fingerprint_differences(recorded, now)
+    if changed:
+        raise KaikaError(
+            f"{run_dir} was trained on the base model in {recorded.get('path')}, which has changed since: "
+            f"{'; '.join(changed[:4])}. The adapter on these weights would be another model. Restore the base "
+            f"it was trained on, or, to use this one as it is now, pass --base-model {model_args.base_model} "
+            "(it must have the trained model's dimensions)"
+        )
+
+
+def save_base_fingerprint(source: ModelSource, out: Path) -> None:
+    """Record what the base is (see :func:`check_base_unchanged`); nothing for a hub id not on disk."""
+    import json
+
+    from kaika.modeling.load import base_fingerprint
+
+    found = base_fingerprint(source)
+    if found is not None:
+        (out / BASE_FINGERPRINT).write_text(json.dumps(found, indent=1) + "\n", encoding="utf-8")
 
 
 def is_unfinished_run(path: Path) -> bool:

@@ -62,7 +62,7 @@ def inference_model_args(run: RunDir) -> ModelArgs:
 def load(run: RunDir, base_only: bool = False) -> Loaded:
     """The model as trained: the run's base, its tokenizer and template, and its adapter (unless
     ``base_only``), on the GPU when there is one."""
-    from peft import PeftModel
+    from kaika.modeling.lora import attach_adapter
 
     model_args = inference_model_args(run)
     tokenizer = load_tokenizer(model_args, run.tokenizer_source)
@@ -71,7 +71,7 @@ def load(run: RunDir, base_only: bool = False) -> Loaded:
     if torch.cuda.is_available() and model_args.quantization == "none":
         model = model.to("cuda")
     if run.is_adapter and not base_only:
-        model = PeftModel.from_pretrained(model, run.path).eval()
+        model = attach_adapter(model, run.path, model_args.base_model).eval()
     return Loaded(model, tokenizer, run.template, run, model_args, stop_ids(run.template, tokenizer))
 
 

@@ -29,6 +29,7 @@ from kaika.errors import KaikaError
 from kaika.guard import check_inputs_outside, check_replaceable, replace_owned
 from kaika.inference.card import Check, model_card
 from kaika.modeling.load import DTYPES, ModelSource, load_model, load_tokenizer
+from kaika.modeling.lora import attach_adapter
 from kaika.modeling.verify import compare_logits, masked_logits, verify_full_model
 from kaika.rundir import (
     BASE_NOTICES,
@@ -111,12 +112,12 @@ def quantized_gap(run: RunDir, batch: dict[str, torch.Tensor], expected: torch.T
     base + adapter the run trained, on the check prompts; None where bitsandbytes is not installed."""
     import importlib.util
 
-    from peft import PeftModel
-
     if importlib.util.find_spec("bitsandbytes") is None:
         log.warning("bitsandbytes is not installed: the gap to the quantized model is not measured")
         return None
-    quantized = PeftModel.from_pretrained(load_model(run.model_args, run.source), run.path).eval()
+    quantized = attach_adapter(
+        load_model(run.model_args, run.source), run.path, run.model_args.base_model
+    ).eval()
     gap = (masked_logits(quantized, batch) - expected).abs().max().item()
     del quantized
     log.info(
@@ -243,8 +244,6 @@ def load_full_precision(model_args: ModelArgs, source: ModelSource, adapter_dir:
     """Base in float32 with the adapter attached. Merging into quantized weights would round the
     LoRA update away (and bitsandbytes cannot save a merged 4-bit model), so a base trained
     quantized is reloaded unquantized: the merged model is base + adapter at full precision."""
-    from peft import PeftModel
-
     trained_quantized = model_args.quantization != "none"
     if trained_quantized:
         log.warning(
@@ -255,7 +254,7 @@ def load_full_precision(model_args: ModelArgs, source: ModelSource, adapter_dir:
         )
     full = replace(model_args, quantization="none", dtype="float32")
     base = load_model(full, source)
-    return PeftModel.from_pretrained(base, adapter_dir).eval(), trained_quantized
+    return attach_adapter(base, adapter_dir, model_args.base_model).eval(), trained_quantized
 
 
 def verify_batch(tokenizer, template: Template) -> dict[str, torch.Tensor]:

@@ -63,6 +63,71 @@ def resolve_source(args: ModelArgs) -> ModelSource:
     return ModelSource(name, args.gguf_file)
 
 
+# Files of a model directory that decide what the model computes.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+WHOLE_HASH_BYTES = 64 * 2**20  # smaller files are hashed whole; larger ones sampled (fingerprint)
+
+
+def _file_fingerprint(path: Path) -> str:
+    """SHA-256 of a file, or for a large one of its size, its first and last MiB and 62 blocks of 64 KiB
+    spread evenly through it: a few MiB read per file (a 14 GB base is checked in well under a second),
+    and weights that were retrained, re-quantized or replaced differ in every block."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= WHOLE_HASH_BYTES:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+            return h.hexdigest()
+        h.update(str(size).encode())
+        for i in range(64):
+            offset = 0 if i == 0 else size - 2**20 if i == 63 else (size // 63) * i
+            f.seek(offset)
+            h.update(f.read(2**20 if i in (0, 63) else 2**16))
+    return "sampled:" + h.hexdigest()
+
+
+def base_fingerprint(source: ModelSource) -> dict[str, Any] | None:
+    """What identifies the base a run is trained on: its config and weight files, each with its size and
+    hash (large files sampled, :func:`_file_fingerprint`). None for a hub id that is not a local
+    directory (the hub's own revision is what names it)."""
+    root = Path(source.path)
+    if not root.is_dir():
+        return None
+    if source.gguf_file:
+        files = [root / source.gguf_file]
+    else:
+        files = sorted(
+            p
+            for p in root.iterdir()
+            if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
+        )
+    return {
+        "path": str(root.resolve()),
+        "files": {
+            p.name: {"size": p.stat().st_size, "hash": _file_fingerprint(p)} for p in files if p.is_file()
+        },
+    }
+
+
+def fingerprint_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the base now differs from the one recorded, file by file, in words."""
+    before, after = recorded.get("files", {}), now.get("files", {})
+    found = []
+    for name in sorted(set(before) | set(after)):
+        if name not in after:
+            found.append(f"{name} is gone")
+        elif name not in before:
+            found.append(f"{name} is new")
+        elif before[name]["size"] != after[name]["size"]:
+            found.append(f"{name} is {after[name]['size']:,} bytes, was {before[name]['size']:,}")
+        elif before[name]["hash"] != after[name]["hash"]:
+            found.append(f"{name} has other contents")
+    return found
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware: x86 AVX512-BF16 or AMX-BF16, Arm's BF16 extension.
     (Elsewhere PyTorch emulates bf16 on the CPU, slower than float32.)"""

@@ -188,6 +188,30 @@ def trained_in_float32(model) -> None:
                 param.data = param.data.float()
 
 
+def attach_adapter(model, adapter_dir, base_name: str, **kwargs):
+    """``PeftModel.from_pretrained(model, adapter_dir, **kwargs)``; an adapter trained on a base of other
+    dimensions is refused naming both, where peft would raise its "size mismatch" error."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+    except (RuntimeError, ValueError) as e:  # peft: "size mismatch …", "Target modules … not found …"
+        first = next(
+            (
+                line.strip()
+                for line in str(e).splitlines()
+                if "size mismatch" in line or "not found in the base" in line
+            ),
+            None,
+        )
+        if first is None:
+            raise
+        raise KaikaError(
+            f"the adapter in {adapter_dir} does not fit the base model {base_name} ({first}): it was trained on "
+            "a base of other dimensions. Give the base it was trained on (drop --base-model, or name that base)"
+        ) from None
+
+
 def adapted_summary(peft_model) -> str:
     """The adapted modules by name and count ("q_proj ×18, v_proj ×18"): a real model has hundreds
     of full module paths, which say less than this line."""

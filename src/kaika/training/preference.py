@@ -43,6 +43,7 @@ from kaika.rundir import (
     LOG_FILE,
     REPORT_FILE,
     RunDir,
+    save_base_fingerprint,
     save_base_notices,
     save_config,
     save_template,
@@ -372,6 +373,7 @@ def save_and_verify(
         save_config(cfg, stage)
         save_template(template, stage)
         save_base_notices(source.path, stage)
+        save_base_fingerprint(source, stage)
         (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
 

@@ -36,6 +36,7 @@ from kaika.rundir import (
     CHECKPOINTS,
     CURVE_FILE,
     PRETRAIN_REPORT_FILE,
+    save_base_fingerprint,
     save_base_notices,
     save_config,
     save_tokenizer,
@@ -402,6 +403,8 @@ def save_and_verify(
         save_config(cfg, stage)
         if not cfg.pretrain.from_scratch:
             save_base_notices(resolve_source(cfg.model).path, stage)
+            if not is_full(cfg):  # an adapter: the base it needs is recorded
+                save_base_fingerprint(resolve_source(cfg.model), stage)
         (stage / PRETRAIN_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
 

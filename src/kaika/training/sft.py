@@ -31,6 +31,7 @@ from kaika.modeling.lora import apply_lora
 from kaika.rundir import (
     CURVE_FILE,
     REPORT_FILE,
+    save_base_fingerprint,
     save_base_notices,
     save_config,
     save_template,
@@ -234,6 +235,7 @@ def save_and_verify(
         save_config(cfg, stage)
         save_template(template, stage)
         save_base_notices(source.path, stage)
+        save_base_fingerprint(source, stage)
         (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
         plot_loss_curve(fitted.history, stage / CURVE_FILE)
 

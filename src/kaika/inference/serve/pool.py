@@ -34,7 +34,7 @@ class ModelPool:
         dtype: str | None = None,
         template: str | None = None,
     ):
-        from peft import PeftModel
+        from kaika.modeling.lora import attach_adapter
 
         if not adapters and not base_model:
             raise KaikaError("give at least one ADAPTER_DIR, or --base-model to serve a (merged) model alone")
@@ -50,7 +50,7 @@ class ModelPool:
         self.entries: dict[str, Entry] = {}
         for i, (name, run) in enumerate(runs.items()):
             if i == 0:
-                model = PeftModel.from_pretrained(model, run.path, adapter_name=name)
+                model = attach_adapter(model, run.path, base_run.model_args.base_model, adapter_name=name)
             else:
                 model.load_adapter(run.path, adapter_name=name)
             self.entries[name] = Entry(name, name, run.template, stop_ids(run.template, self.tokenizer))
