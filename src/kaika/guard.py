@@ -90,9 +90,20 @@ def not_ours(path: Path) -> str | None:
 
 
 def check_replaceable(path: Path, flag: str) -> None:
-    """Refuse (before anything is read or loaded) to let ``flag`` delete a directory kaika did not write."""
+    """Refuse (before anything is read or loaded) to let ``flag`` delete a directory kaika did not write,
+    or one holding another kaika output (a merged model or an export written inside a run)."""
     if path.exists() and not path.is_dir():
         raise KaikaError(f"{path} exists and is a file, not a directory; choose another output directory")
+    nested = (
+        sorted(p.name for p in path.iterdir() if p.is_dir() and (p / OWNER_FILE).is_file())
+        if path.is_dir()
+        else []
+    )
+    if nested:
+        raise KaikaError(
+            f"{flag} would delete {path}, which holds another kaika output: {', '.join(nested)} (a merged model "
+            "or an export written into it). Move it out first, or choose another output directory"
+        )
     reason = not_ours(path)
     if reason is not None:
         raise KaikaError(

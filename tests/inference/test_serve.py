@@ -288,6 +288,21 @@ def test_text_that_is_not_unicode_is_a_400_naming_where(server):
             assert "lone surrogate" in r.json()["error"]["message"]
 
 
+def test_openai_fields_kaika_does_not_implement_are_refused_not_ignored(server):
+    url, headers = server[0], {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "ja", "messages": [{"role": "user", "content": "猫"}], "max_tokens": 2}
+    for extra, param in (
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ):
+        r = httpx.post(f"{url}/v1/chat/completions", json={**chat, **extra}, headers=headers, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    ok = {"response_format": {"type": "text"}, "n": 1, "logprobs": False, "tool_choice": "none"}
+    assert httpx.post(f"{url}/v1/chat/completions", json={**chat, **ok}, headers=headers, timeout=60).status_code == 200
+
+
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 8), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=4), st.sampled_from(["\ud800", "a\udfffb", "\x1b[31m"]),

@@ -26,10 +26,9 @@ from kaika.data.messages import jinja_chat_template
 from kaika.data.prompts import ChatTemplate, Template
 from kaika.data.segments import prompt_ids, stop_ids
 from kaika.errors import KaikaError
-from kaika.guard import check_inputs_outside
+from kaika.guard import check_inputs_outside, is_kaika_hidden
 from kaika.inference.card import Check, base_facts, model_card
 from kaika.inference.merge import (
-    PARTIAL_MARK,
     Merged,
     check_out_dir,
     compare,
@@ -78,6 +77,11 @@ def export(
     force: bool = False,
 ) -> ExportResult:
     source, out_dir = Path(source), Path(out_dir)
+    if out_dir.suffix == ".gguf" and not out_dir.is_dir():
+        raise KaikaError(
+            f"{out_dir}: kaika export writes a directory (the GGUF file, its Modelfile and model card); give "
+            f"one such as {out_dir.with_suffix('')}/ and the file is named after it"
+        )
     if fmt not in FORMATS:
         raise KaikaError(f"unknown export format {fmt!r}; kaika writes {', '.join(FORMATS)}")
     if quant not in QUANTS:
@@ -138,7 +142,7 @@ def export(
             (tmp / "Modelfile").write_text(
                 modelfile(name, template, tokenizer, stop_texts, notice), encoding="utf-8"
             )
-        files = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL_MARK)
+        files = sorted(p.name for p in tmp.iterdir() if not is_kaika_hidden(p.name))
     log.info(
         "GGUF %s written to %s (read back: max |Δlogit| %.2e vs the written weights; %s moves the logits by %.2e)",
         quant,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from kaika.data.prompts import ChatTemplate, Template
 from kaika.data.segments import record_prompt_ids, stop_ids
 from kaika.data.tokenize import pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
-from kaika.guard import check_inputs_outside, check_replaceable, replace_owned
+from kaika.guard import check_inputs_outside, check_replaceable, claim, is_kaika_hidden, replace_owned
 from kaika.inference.card import Check, model_card
 from kaika.modeling.load import DTYPES, ModelSource, load_model, load_tokenizer
 from kaika.modeling.lora import attach_adapter
@@ -161,7 +162,7 @@ def merge(
             m.diff, m.tol, m.trained_quantized, dtype=dtype, rounding=rounding, quantized_gap=m.quantized_gap
         )
         (tmp / "README.md").write_text(model_card(m.cfg, m.template, adapter_dir, check), encoding="utf-8")
-        files = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL_MARK)
+        files = sorted(p.name for p in tmp.iterdir() if not is_kaika_hidden(p.name))
     log.info("merged model written to %s (max |Δlogit| %.2e, tolerance %.1e)", out_dir, m.diff, m.tol)
     return MergeResult(out_dir, m.diff, m.tol, rounding, dtype, files)
 
@@ -180,7 +181,11 @@ def written_aside(out_dir: Path) -> Iterator[Path]:
                 log.warning("removing %s, left by an earlier write that was killed", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)  # a directory's mode as the umask says (mkdtemp's is private: 0700)
         (tmp / PARTIAL_MARK).write_text("written by kaika; incomplete until renamed\n", encoding="utf-8")
+        claim(tmp, "model")  # kaika's own: a later --force may replace it
     except OSError as e:
         raise KaikaError(f"cannot write into {out_dir.parent}: {e.strerror}; nothing was written") from None
     try:

@@ -305,6 +305,7 @@ def create_app(pool: ModelPool, options: ServeOptions) -> DeclaredBodyLimit:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
+        req.check_supported()
         entry = api.entry(req.model)
         prompt = req.prompt
         if isinstance(prompt, list):
@@ -318,6 +319,7 @@ def create_app(pool: ModelPool, options: ServeOptions) -> DeclaredBodyLimit:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
+        req.check_supported()
         entry = api.entry(req.model)
         limit = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         args = api.generate_args(req, limit)

@@ -34,6 +34,32 @@ class Sampling(BaseModel):
             raise ValueError(f"{bad[0] or 'a key'}: {bad[1]}")
         return data
 
+    # OpenAI fields kaika serve does not implement: refused, never accepted and ignored (a client that
+    # asked for log-probabilities, tools or JSON output would take an answer without them for one with).
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    def check_supported(self) -> None:
+        if self.logprobs not in (None, False, 0) or self.top_logprobs not in (None, 0):
+            raise APIError(400, "logprobs are not returned by kaika serve", param="logprobs")
+        for name in ("tools", "tool_choice", "functions", "function_call"):
+            if getattr(self, name) not in (None, [], "none"):
+                raise APIError(400, f"{name}: kaika serve does not call tools or functions", param=name)
+        kind = (
+            self.response_format.get("type")
+            if isinstance(self.response_format, dict)
+            else self.response_format
+        )
+        if kind not in (None, "text"):
+            raise APIError(
+                400, f"response_format {kind!r}: kaika serve writes plain text only", param="response_format"
+            )
+
     def stops(self) -> list[str]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(s) > 4:
