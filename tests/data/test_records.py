@@ -226,3 +226,40 @@ def test_control_characters_in_a_problem_are_shown_escaped(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"\x1b[31mred": "x", "output": "o"}])
     _, text = problems_of(path)
     assert "\x1b" not in text and "\\x1b[31mred" in text
+
+
+def test_ambiguous_records_are_refused_not_decided_in_silence(tmp_path, caplog):
+    chat = [{"role": "user", "content": "問"}, {"role": "assistant", "content": "答"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps({**GOOD, "messages": chat}, ensure_ascii=False) + "\n"  # Alpaca fields and messages
+        + json.dumps({"messages": chat, "conversations": chat}, ensure_ascii=False) + "\n"
+        + '{"instruction": "a", "instruction": "b", "output": "o"}\n',  # a key twice: JSON keeps the last
+        encoding="utf-8",
+    )  # fmt: skip
+    problems, _ = problems_of(path)
+    assert [p.where for p in problems] == ["line 1", "line 2", "line 3"]
+    assert "several forms of one example (messages, instruction, output)" in problems[0].message
+    assert "several forms" in problems[1].message
+    assert problems[2].field == "instruction" and "appears twice" in problems[2].message
+
+
+def test_messages_that_say_what_to_do(tmp_path):
+    cr = tmp_path / "mac.jsonl"
+    cr.write_bytes((json.dumps(GOOD) + "\r" + json.dumps(GOOD) + "\r").encode())
+    problems, _ = problems_of(cr)
+    assert "carriage return alone" in problems[0].message
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+             {"role": "assistant", "content": None}]  # fmt: skip
+    problems, _ = problems_of(write_jsonl(tmp_path / "img.jsonl", [{"messages": image}]))
+    assert "holds a image_url part: kaika trains on text only" in problems[0].message
+    assert "content is null" in problems[1].message
+
+
+def test_pretraining_text_with_nul_characters_is_refused(tmp_path):
+    from kaika.training.pretrain import read_documents
+
+    (tmp_path / "a.txt").write_text("吾輩は猫である。", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match=r"b\.txt, file: holds NUL characters"):
+        read_documents([str(tmp_path)], "text")

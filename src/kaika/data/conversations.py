@@ -60,6 +60,22 @@ def _content(value: Any) -> str | None:
     return None
 
 
+def _not_text(value: Any, present: bool) -> str:
+    """Why a turn's content is not text, in words that say what to do."""
+    if not present:
+        return "expected a string (missing)"
+    if value is None:
+        return "content is null (a tool call or an empty turn?); kaika trains on turns with text"
+    if isinstance(value, list):
+        kinds = sorted({str(p.get("type")) for p in value if isinstance(p, dict) and p.get("type") != "text"})
+        if kinds:
+            return (
+                f"holds a {', '.join(kinds)} part: kaika trains on text only; remove the non-text parts "
+                "or the turn"
+            )
+    return f"expected a string (got {type(value).__name__})"
+
+
 def normalise_conversation(
     rec: dict,
     key: str,
@@ -102,8 +118,9 @@ def normalise_conversation(
             continue
         content = _content(turn.get(content_key))
         if content is None:
-            got = "missing" if content_key not in turn else f"got {type(turn[content_key]).__name__}"
-            problems.append(Problem(source, at, content_key, f"expected a string ({got})"))
+            problems.append(
+                Problem(source, at, content_key, _not_text(turn.get(content_key), content_key in turn))
+            )
             continue
         if not content.strip():
             problems.append(Problem(source, at, content_key, "empty"))

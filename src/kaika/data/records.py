@@ -95,7 +95,38 @@ class DataError(KaikaError):
         )
 
 
+class _Object(dict):
+    """A JSON object that remembers the keys it held twice (JSON's reader keeps the last silently)."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    obj = _Object(pairs)
+    obj.duplicates = [k for k in dict.fromkeys(k for k, _ in pairs) if sum(1 for p, _ in pairs if p == k) > 1]
+    return obj
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_object)
+
+
+def duplicate_keys(value: Any) -> list[str]:
+    """Keys that an object of ``value`` (a record as read) held twice, nested objects included."""
+    found = list(getattr(value, "duplicates", []))
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    for item in items:
+        found += duplicate_keys(item)
+    return found
+
+
 def _iter_jsonl(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+    if b"\r" in raw and b"\n" not in raw.strip():
+        problems.append(
+            Problem(str(path), "file", None, "its lines end with a carriage return alone (\\r, old Mac line "
+                    "endings), which JSON Lines does not read as line breaks; re-save it with \\n line endings")
+        )  # fmt: skip
+        return
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode("utf-8")
@@ -113,7 +144,7 @@ def _iter_jsonl(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tup
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            record = _loads(text)
         except json.JSONDecodeError as e:
             problems.append(
                 Problem(str(path), f"line {lineno}", None, f"malformed JSON at column {e.colno}: {e.msg}")
@@ -140,7 +171,7 @@ def _iter_json(path: Path, raw: bytes, problems: list[Problem]) -> Iterator[tupl
         )
         return
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         problems.append(
             Problem(str(path), f"line {e.lineno}", None, f"malformed JSON at column {e.colno}: {e.msg}")
@@ -266,6 +297,11 @@ def iter_source(source: str, problems: list[Problem]) -> Iterator[tuple[str, Any
         if bad is not None:
             problems.append(Problem(source, where, bad[0], bad[1]))
             continue
+        twice = duplicate_keys(rec)
+        if twice:
+            problems.append(Problem(source, where, twice[0], "appears twice in the record (JSON would keep the last "
+                                    "in silence); keep one"))  # fmt: skip
+            continue
         yield where, rec
 
 
@@ -331,10 +367,23 @@ def normalise_record(
         problems.append(Problem(source, where, None, f"expected a JSON object, got {type(rec).__name__}"))
         return None
     if conversations:
-        from kaika.data.conversations import normalise_conversation, turns_key
+        from kaika.data.conversations import LIST_KEYS, normalise_conversation, turns_key
 
         key = turns_key(rec, columns)
         if key is not None:
+            forms = [k for k in LIST_KEYS if k in rec] + [
+                columns.get(f, f) for f in FIELDS if f != "input" and columns.get(f, f) in rec
+            ]
+            if len(forms) > 1:  # which one to train is the user's choice, not kaika's
+                problems.append(
+                    Problem(
+                        source,
+                        where,
+                        None,
+                        f"holds several forms of one example ({', '.join(forms)}); keep one",
+                    )
+                )
+                return None
             return normalise_conversation(rec, key, columns, source, where, problems)
     out: dict[str, str] = {}
     ok = True

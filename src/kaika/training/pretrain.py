@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 FULL_WEIGHTS = "model.safetensors"  # a full model's save is committed by its weights, moved in last
 VERIFY_ROWS = 4
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+NUL_TEXT = "holds NUL characters (\\x00): a binary or corrupt file, not text; remove it"
 
 
 @dataclass
@@ -203,7 +204,11 @@ def read_documents(sources: list[str], text_field: str) -> list[str]:
         for file in files:
             if file.suffix == ".txt":
                 try:
-                    docs.append(file.read_bytes().decode("utf-8"))
+                    text = file.read_bytes().decode("utf-8")
+                    if "\x00" in text:  # a binary file read as text, or a corrupt one
+                        problems.append(Problem(str(file), "file", None, NUL_TEXT))
+                        continue
+                    docs.append(text)
                 except OSError as e:
                     problems.append(Problem(str(file), "file", None, f"cannot read: {e.strerror}"))
                 except UnicodeDecodeError as e:
@@ -225,6 +230,9 @@ def read_documents(sources: list[str], text_field: str) -> list[str]:
                             f"missing or not a string (record has: {keys}); choose the field with --text-field",
                         )
                     )
+                    continue
+                if "\x00" in text:
+                    problems.append(Problem(str(file), where, text_field, NUL_TEXT))
                     continue
                 docs.append(text)
     if problems:

@@ -123,6 +123,13 @@ def check_config(cfg: TrainConfig) -> Path:
 def load_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     records = load_records(cfg.data.data, cfg.data.columns)
     warn_duplicates(records)
+    same = [v for v in cfg.data.val_data if any(same_file(v, d) for d in cfg.data.data)]
+    if same:
+        log.warning(
+            "--val-data %s is also training data: its loss measures what was learned by heart, not how the model "
+            "does on examples it has not seen (hold some out with --val-set-size, or give other data)",
+            ", ".join(same),
+        )
     if cfg.data.val_data:
         return records, load_records(cfg.data.val_data, cfg.data.columns)
     return split_records(records, cfg.data.val_set_size, cfg.train.seed)
@@ -147,6 +154,13 @@ def choose_template(cfg: TrainConfig, tokenizer, records: list[dict]) -> Templat
         TRAIN_ON_WORDS["all" if cfg.data.train_on_inputs else cfg.data.train_on],
     )
     return template
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).samefile(b)
+    except OSError:
+        return a == b
 
 
 def record_key(r: dict) -> tuple:
