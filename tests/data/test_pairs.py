@@ -13,6 +13,7 @@ from kaika.data.prompts import load_template, resolve_template
 from kaika.data.records import DataError
 from kaika.data.segments import prompt_ids, record_prompt_ids, stop_ids
 from kaika.data.tokenize import encode_example
+from kaika.errors import KaikaError
 
 
 def test_every_form_reads_to_a_prompt_and_two_answers(tmp_path):
@@ -111,7 +112,7 @@ def test_chat_template_pairs_end_with_the_end_of_turn_and_prompt_as_generation(g
     assert tokenizer.decode(row["chosen_ids"]).startswith("元気です。")
 
 
-def test_long_answers_are_cut_keeping_the_end_and_long_prompts_are_refused(ja_tokenizer):
+def test_long_answers_are_cut_keeping_the_end_and_long_prompts_left_out_as_train_does(ja_tokenizer):
     template = load_template("alpaca_ja")
     long = {
         "instruction": "書いて",
@@ -124,7 +125,10 @@ def test_long_answers_are_cut_keeping_the_end_and_long_prompts_are_refused(ja_to
     assert len(row["prompt_ids"]) + len(row["chosen_ids"]) == 64
     assert row["chosen_ids"][-1] == ja_tokenizer.eos_token_id and report.chosen_truncated == 1
     huge = {**long, "instruction": "長い" * 200, "where": "a.jsonl, line 7"}
-    with pytest.raises(DataError, match=r"a.jsonl, line 7: field 'prompt': the prompt is \d+ tokens"):
+    rows, report = encode_pairs([long, huge], template, ja_tokenizer, 64)
+    assert len(rows) == report.kept == 1 and report.dropped_prompt_too_long == 1
+    assert "1/2 pairs kept (1 dropped: prompt longer than cutoff_len 64" in report.summary()
+    with pytest.raises(KaikaError, match="no preference pair fits cutoff_len 64"):
         encode_pairs([huge], template, ja_tokenizer, 64)
 
 

@@ -300,7 +300,10 @@ def test_openai_fields_kaika_does_not_implement_are_refused_not_ignored(server):
         r = httpx.post(f"{url}/v1/chat/completions", json={**chat, **extra}, headers=headers, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
     ok = {"response_format": {"type": "text"}, "n": 1, "logprobs": False, "tool_choice": "none"}
-    assert httpx.post(f"{url}/v1/chat/completions", json={**chat, **ok}, headers=headers, timeout=60).status_code == 200
+    assert (
+        httpx.post(f"{url}/v1/chat/completions", json={**chat, **ok}, headers=headers, timeout=60).status_code
+        == 200
+    )
 
 
 VALUES = st.one_of(

@@ -207,6 +207,9 @@ def pair_prompt(pair: dict) -> dict | list[dict]:
 class PreferenceReport:
     pairs: int = 0
     kept: int = 0
+    dropped_prompt_too_long: int = (
+        0  # pairs left out: the prompt leaves no room for an answer (as train does)
+    )
     conversations: int = 0  # pairs whose prompt was a conversation (the others: Alpaca prompts)
     chosen_truncated: int = 0  # answers cut to fit cutoff_len (their end-of-turn tokens kept)
     rejected_truncated: int = 0
@@ -220,7 +223,8 @@ class PreferenceReport:
             return f"{d.get('p50')}/{d.get('p90')}/{d.get('max')}"
 
         return (
-            f"{self.kept}/{self.pairs} pairs ({self.conversations} with a conversation prompt); tokens "
+            f"{self.kept}/{self.pairs} pairs kept ({self.dropped_prompt_too_long} dropped: prompt longer than "
+            f"cutoff_len {self.cutoff_len}; {self.conversations} with a conversation prompt); tokens "
             f"p50/p90/max: prompt {pct(self.prompt_tokens)}, chosen {pct(self.chosen_tokens)}, rejected "
             f"{pct(self.rejected_tokens)}; cut to cutoff_len {self.cutoff_len}: {self.chosen_truncated} chosen, "
             f"{self.rejected_truncated} rejected (end of turn kept)"
@@ -240,14 +244,13 @@ def encode_pairs(
     """``{prompt_ids, chosen_ids, rejected_ids}`` per pair, each answer with its end-of-turn ids,
     prompt + answer within ``cutoff_len`` (a longer answer is cut, its end of turn kept).
 
-    A prompt that leaves no room for an answer is an error naming the record: leaving it out would
-    silently change what is preferred, and its fix (a larger cutoff, a shorter prompt) is the user's.
+    A pair whose prompt leaves no room for an answer is left out and counted, the rule of ``kaika
+    train`` for its examples, said the same way in the report; when no pair is left, that is an error.
     """
     from kaika.data.segments import answer_ids, end_ids_count
 
     report = PreferenceReport(pairs=len(pairs), cutoff_len=cutoff_len)
     rows: list[dict[str, list[int]]] = []
-    problems: list[Problem] = []
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
     for pair in pairs:
         prompt = pair_prompt(pair)
@@ -265,16 +268,7 @@ def encode_pairs(
             )
         keep = max(encoded["chosen"][2], encoded["rejected"][2])
         if len(prompt_ids) + keep + 1 > cutoff_len:
-            file, _, at = pair["where"].partition(", ")
-            problems.append(
-                Problem(
-                    file,
-                    at,
-                    "prompt",
-                    f"the prompt is {len(prompt_ids)} tokens: no room for an answer within cutoff_len "
-                    f"{cutoff_len}; raise --cutoff-len or shorten it",
-                )
-            )
+            report.dropped_prompt_too_long += 1
             continue
         row = {"prompt_ids": prompt_ids}
         for side in SIDES:
@@ -288,8 +282,11 @@ def encode_pairs(
         lengths["prompt"].append(len(prompt_ids))
         report.conversations += "messages" in pair
         rows.append(row)
-    if problems:
-        raise DataError(problems)
+    if pairs and not rows:
+        raise KaikaError(
+            f"no preference pair fits cutoff_len {cutoff_len}: every prompt leaves no room for an answer; "
+            "raise --cutoff-len"
+        )
     report.kept = len(rows)
     report.prompt_tokens = _percentiles(lengths["prompt"])
     report.chosen_tokens = _percentiles(lengths["chosen"])
