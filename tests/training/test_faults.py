@@ -97,6 +97,7 @@ def test_disk_too_small_and_disk_full_midway(tmp_path):
     script = f"""
         mount -t tmpfs -o size=1m none "$1" || exit 90
         "$PY" -m kaika train {args} --output-dir "$1/small" 2> "$2/small.err"; echo $? > "$2/small.rc"
+        ls -A "$1" > "$2/small.ls"
         umount "$1"; mount -t tmpfs -o size=8m none "$1" || exit 91
         "$PY" -m kaika train {args} --output-dir "$1/run" 2> "$2/full.err" &
         pid=$!
@@ -115,6 +116,7 @@ def test_disk_too_small_and_disk_full_midway(tmp_path):
     small = (tmp_path / "small.err").read_text()
     assert (tmp_path / "small.rc").read_text().strip() == "2", small
     assert "not enough disk space" in small and "MB free" in small and "Traceback" not in small
+    assert (tmp_path / "small.ls").read_text() == ""  # refused before anything was written: no run dir left
 
     full = (tmp_path / "full.err").read_text()
     assert (tmp_path / "full.rc").read_text().strip() == "2", full

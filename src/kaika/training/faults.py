@@ -418,9 +418,6 @@ class guarded_training:
         self.watch = FaultWatch(fp16=bool(trainer.args.fp16), fingerprint=fingerprint)
 
     def __enter__(self) -> str | None:
-        args = self.trainer.args
-        out = self.ckpt_dir.parent
-        check_disk_space(out, self.trainer.model, self.trainer.processing_class, args.save_total_limit or 1)
         start = None
         if self.resume:
             start = resume_checkpoint(self.ckpt_dir, remove_incomplete=self.main)

@@ -106,7 +106,7 @@ def _dpo(cfg: DpoConfig, run: RunDir | None, out: Path) -> PreferenceResult:
     val_rows, _ = encode_pairs(val_pairs, template, tokenizer, cfg.data.cutoff_len)
     log.info("data: %s", report.summary())
     model = build_model(cfg, run, source)
-    prepare_output_dir(cfg.train)
+    prepare_output_dir(cfg.train, model, tokenizer)
     trainer = build_trainer(cfg, run, model, tokenizer, train_rows, val_rows)
     fitted = run_fit(trainer, cfg.train, bool(val_rows))
     result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_rows, out)

@@ -108,7 +108,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, compute: torch.dtype) -> PretrainR
     model = build_model(cfg, tokenizer, mixed_precision(compute))
     if cfg.pretrain.packing == "document":
         enable_packed_attention(model)
-    prepare_output_dir(cfg.train)
+    prepare_output_dir(cfg.train, model, tokenizer)
     # Held-out text is scored once, at the end, token-weighted (the Trainer's eval averages batches).
     fitted = fit(args, cfg.train, model, tokenizer, train_set, [], PackedCollator(cfg.pretrain.packing))
     heldout = score_heldout(fitted, val_set, cfg) if val_set else None

@@ -94,7 +94,7 @@ def _train(cfg: TrainConfig, out: Path) -> TrainResult:
         if cfg.data.packing
         else (train_set, PadCollator(tokenizer.pad_token_id))
     )
-    prepare_output_dir(cfg.train)
+    prepare_output_dir(cfg.train, model, tokenizer)
     fitted = fit(args, cfg.train, model, tokenizer, rows, val_set, collator)
     result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_set, out)
     log.info(

@@ -31,7 +31,7 @@ from kaika.errors import KaikaError
 from kaika.guard import DirLock, check_replaceable, claim, empty_owned, is_kaika_hidden
 from kaika.modeling.qkv import mask_sharded_slice_grads
 from kaika.rundir import CHECKPOINTS, LOG_FILE
-from kaika.training.faults import check_writable, guarded_training
+from kaika.training.faults import check_disk_space, check_writable, guarded_training
 from kaika.training.launch import ShardedOnCpu, ShardReport, detect_launch
 from kaika.training.loss import (
     FastLoss,
@@ -111,11 +111,13 @@ def run_lock(out: Path):
     return DirLock(out) if is_main_process() else contextlib.nullcontext()
 
 
-def prepare_output_dir(args: TrainArgs) -> None:
-    """--overwrite: the old run goes (rank 0 only), now that data, config and model have all loaded."""
+def prepare_output_dir(args: TrainArgs, model, tokenizer) -> None:
+    """--overwrite: the old run goes (rank 0 only), now that data, config and model have all loaded;
+    first, the disk must hold what the run will write (refused before anything is written)."""
     out = Path(args.output_dir)
     if not is_main_process():
         return
+    check_disk_space(out, model, tokenizer, args.save_total_limit or 1)
     if args.overwrite and not args.resume and out.exists():
         empty_owned(out)
     claim(out, "run")
