@@ -264,6 +264,7 @@ def test_export_command(tmp_path, tiny_adapters):  # noqa: F811
     )
     assert "GGUF written to" in out and "ollama create" in out
     assert sorted(p.name for p in (tmp_path / "q8").iterdir()) == [
+        ".kaika-owner",  # kaika's own: --force may replace it
         "Modelfile",
         "README.md",
         "kaika_training_config.yaml",
@@ -277,3 +278,11 @@ def test_export_command(tmp_path, tiny_adapters):  # noqa: F811
         cwd=tmp_path,
     )
     assert again.returncode == 2 and "not empty" in again.stderr
+    forced = subprocess.run(  # kaika's own earlier export: --force replaces it
+        [sys.executable, "-m", "kaika", "export", str(tiny_adapters[1]), str(tmp_path / "q8"), "--force"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert (tmp_path / "q8" / "q8-f16.gguf").is_file() and not (tmp_path / "q8" / "q8-q8_0.gguf").exists()
