@@ -235,6 +235,8 @@ def named_template(name: str, tokenizer_source: ModelSource | None) -> Template:
 
 def check_adapter_dir(adapter_dir: Path) -> None:
     """Refuse a missing, incomplete or corrupt adapter with the reason, before any model is loaded."""
+    if adapter_dir.is_file():
+        raise KaikaError(f"{adapter_dir} is a file; give the directory of a kaika run or a PEFT adapter")
     if not adapter_dir.is_dir():
         raise KaikaError(f"adapter directory {adapter_dir} does not exist")
     if (adapter_dir / "config.json").is_file() and not (adapter_dir / ADAPTER_CONFIG).exists():

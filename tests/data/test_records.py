@@ -263,3 +263,27 @@ def test_pretraining_text_with_nul_characters_is_refused(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"\x00" * 64)
     with pytest.raises(DataError, match=r"b\.txt, file: holds NUL characters"):
         read_documents([str(tmp_path)], "text")
+
+
+def test_messages_name_the_option_to_use(tmp_path):
+    from kaika.config import ModelArgs
+    from kaika.modeling.load import resolve_source
+    from kaika.rundir import RunDir
+
+    with pytest.raises(KaikaError, match="no such directory .moved or deleted.*--base-model NEW_PATH"):
+        resolve_source(ModelArgs(base_model=str(tmp_path / "gone" / "model")))
+    (tmp_path / "run.yaml").write_text("x: 1\n")
+    with pytest.raises(KaikaError, match="is a file; give the directory of a kaika run"):
+        RunDir.open(tmp_path / "run.yaml")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "?"}])
+    with pytest.raises(DataError) as err:
+        load_prompts(str(prompts))
+    assert "the record has keys question" in str(err.value) and "--columns" not in str(err.value)
+
+
+def test_an_api_key_no_request_could_match_is_refused_at_start():
+    from kaika.inference.serve import ServeOptions, serve
+
+    for key in (" padded", "tab\tkey", "鍵"):
+        with pytest.raises(KaikaError, match="no request could ever match this key"):
+            serve([], ServeOptions(api_key=key))

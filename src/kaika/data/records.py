@@ -360,6 +360,7 @@ def normalise_record(
     problems: list[Problem],
     required: tuple[str, ...] = REQUIRED,
     conversations: bool = False,
+    columns_option: bool = True,
 ) -> dict[str, str] | None:
     """The record as ``{instruction, input, output}`` (or, with ``conversations``, a conversation
     record when it is one), or None after adding its problems."""
@@ -401,7 +402,8 @@ def normalise_record(
                     label,
                     "missing"
                     + (
-                        f"; the record has keys {', '.join(map(str, rec))} — map them with --columns"
+                        f"; the record has keys {', '.join(map(str, rec))}"
+                        + (" — map them with --columns" if columns_option else "")
                         if key not in rec
                         else ""
                     ),
@@ -463,7 +465,9 @@ def load_prompts(source: str) -> list[dict[str, str]]:
     problems: list[Problem] = []
     records = []
     for where, rec in iter_source(source, problems):
-        norm = normalise_record(rec, {}, source, where, problems, required=("instruction",))
+        norm = normalise_record(
+            rec, {}, source, where, problems, required=("instruction",), columns_option=False
+        )
         if norm is not None:
             records.append({"instruction": norm["instruction"], "input": norm["input"]})
     if problems:

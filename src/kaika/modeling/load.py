@@ -52,6 +52,12 @@ def resolve_source(args: ModelArgs) -> ModelSource:
                 f"unknown base model {name!r}: did you mean the builtin {close[0]!r}? "
                 f"Builtins: {', '.join(builtin_names())}"
             )
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1  # a hub id is "org/name"
+    if looks_local and not path.exists() and path.suffix != ".gguf":
+        raise KaikaError(
+            f"base model {name}: no such directory (moved or deleted?). For a run trained on it, give its "
+            "new place with --base-model NEW_PATH"
+        )
     if path.suffix == ".gguf":
         if not path.is_file():
             raise KaikaError(f"GGUF file {path} does not exist")

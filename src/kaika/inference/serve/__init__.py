@@ -55,6 +55,13 @@ def serve(
     from kaika.inference.serve.pool import ModelPool, parse_adapters
 
     options.api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    key = options.api_key
+    if key is not None and (key != key.strip() or not all(33 <= ord(c) <= 126 or c == " " for c in key)):
+        # HTTP header values are trimmed and ASCII: no client could ever send this key.
+        raise KaikaError(
+            "--api-key: no request could ever match this key (it has leading or trailing spaces, control "
+            "or non-ASCII characters, which an Authorization header cannot carry); choose printable ASCII"
+        )
     if options.queue_size < 0:
         raise KaikaError(f"--queue-size must be 0 or more, got {options.queue_size}")
     if options.max_tokens_limit < 1:
