@@ -299,6 +299,15 @@ def test_openai_fields_kaika_does_not_implement_are_refused_not_ignored(server):
     ):
         r = httpx.post(f"{url}/v1/chat/completions", json={**chat, **extra}, headers=headers, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    for body, says in (
+        ({**chat, "messages": [{"role": "assistant", "content": None}]}, "content is null"),
+        ({**chat, "messages": [{"role": "system", "content": "あなたは猫です"}]}, "only system messages"),
+    ):
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(chat).encode(),
+                   headers={**headers, "Content-Type": "text/plain"}, timeout=60)  # fmt: skip
+    assert r.status_code == 400 and "must be JSON" in r.json()["error"]["message"], r.text
     ok = {"response_format": {"type": "text"}, "n": 1, "logprobs": False, "tool_choice": "none"}
     assert (
         httpx.post(f"{url}/v1/chat/completions", json={**chat, **ok}, headers=headers, timeout=60).status_code

@@ -210,7 +210,11 @@ def install_errors(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         err = exc.errors()[0]
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind and kind != "application/json":
+            message = f"the request body must be JSON, sent as Content-Type: application/json (got {kind})"
+            loc = []
+        elif err.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
             loc = []
         else:
@@ -325,6 +329,16 @@ def create_app(pool: ModelPool, options: ServeOptions) -> DeclaredBodyLimit:
         args = api.generate_args(req, limit)
 
         def prompt_ids() -> list[int]:
+            for i, m in enumerate(req.messages):
+                if isinstance(m, dict) and "content" in m and m["content"] is None:
+                    raise APIError(
+                        400, f"messages[{i}].content is null (a tool call?): kaika serve answers text turns only",
+                        param="messages",
+                    )  # fmt: skip
+            if all(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in req.messages):
+                raise APIError(
+                    400, "the conversation has only system messages: add a user message", param="messages"
+                )
             try:
                 messages = [{"role": m.role, "content": m.content} for m in as_messages(req.messages)]
                 ids = conversation_ids(entry.template, api.pool.tokenizer, messages)
