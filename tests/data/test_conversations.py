@@ -197,3 +197,25 @@ def test_a_conversation_the_template_refuses_is_named_before_the_model_loads(tmp
         KaikaError, match=r"d.jsonl, line 2: the chat template strict cannot render .*alternate"
     ):
         encode_records(records, load_template(jinja), ja_tokenizer, 64)
+
+
+def test_a_chat_template_without_a_generation_prompt_and_one_that_fails_silently_are_named(
+    tmp_path, ja_tokenizer
+):
+    from kaika.data.prompts import load_template
+    from kaika.data.segments import segments
+    from kaika.errors import KaikaError
+
+    conv = [{"role": "user", "content": "問い"}, {"role": "assistant", "content": "答え"}]
+    no_prompt = tmp_path / "nogen.jinja"  # ignores add_generation_prompt: the header would be trained
+    no_prompt.write_text(
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
+    with pytest.raises(KaikaError, match="nogen writes no generation prompt"):
+        segments(load_template(no_prompt), ja_tokenizer, conv)
+    silent = tmp_path / "silent.jinja"  # raises with no message
+    silent.write_text("{{ raise_exception('') }}")
+    with pytest.raises(
+        KaikaError, match="cannot render this conversation: TemplateError raised with no message"
+    ):
+        segments(load_template(silent), ja_tokenizer, conv)

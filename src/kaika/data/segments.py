@@ -51,7 +51,31 @@ def render(template: ChatTemplate, tokenizer, messages: Sequence[dict], generati
             add_generation_prompt=generation_prompt,
         )
     except Exception as e:  # jinja's TemplateError, raise_exception() of the template itself
-        raise KaikaError(f"the chat template {template.name} cannot render this conversation: {e}") from None
+        reason = str(e).strip() or f"{type(e).__name__} raised with no message"
+        raise KaikaError(
+            f"the chat template {template.name} cannot render this conversation: {reason}"
+        ) from None
+
+
+_HAS_GENERATION_PROMPT: dict[tuple[str, int], bool] = {}
+
+
+def check_generation_prompt(template: ChatTemplate, tokenizer) -> None:
+    """A chat template must write something for ``add_generation_prompt`` (the assistant's header): one
+    that ignores it leaves the header inside the answer's piece, trained as answer text, and prompts
+    generation without it. Checked once per template and tokenizer."""
+    key = (template.source, id(tokenizer))
+    if key not in _HAS_GENERATION_PROMPT:
+        probe = [{"role": "user", "content": "こんにちは"}]
+        _HAS_GENERATION_PROMPT[key] = render(template, tokenizer, probe, True) != render(
+            template, tokenizer, probe, False
+        )
+    if not _HAS_GENERATION_PROMPT[key]:
+        raise KaikaError(
+            f"the chat template {template.name} writes no generation prompt (add_generation_prompt changes "
+            "nothing): the assistant's header would be trained as part of every answer. Use a template that "
+            "writes it when add_generation_prompt is true (as Hugging Face chat templates do)"
+        )
 
 
 def chat_pieces(template: ChatTemplate, tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]:
@@ -61,6 +85,7 @@ def chat_pieces(template: ChatTemplate, tokenizer, messages: Sequence[dict]) -> 
         {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
         for m in messages
     ]
+    check_generation_prompt(template, tokenizer)
     full = render(template, tokenizer, messages, messages[-1]["role"] != "assistant")
     pieces: list[tuple[str, bool]] = []
     pos = 0
