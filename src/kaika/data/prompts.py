@@ -185,10 +185,11 @@ def load_template(name_or_path: str | Path) -> PromptTemplate:
 def check_chat_template(template: ChatTemplate) -> ChatTemplate:
     """Refuse Jinja that does not compile, with the line, before any data or model is read."""
     from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from kaika.data.jinja import compile_chat_template
 
     try:
-        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template.source)
+        compile_chat_template(template.source)
     except TemplateSyntaxError as e:
         raise KaikaError(
             f"chat template {template.name}: invalid Jinja at line {e.lineno}: {e.message}"

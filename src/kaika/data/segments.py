@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kaika.data.jinja import TemplateLimit, render_chat
 from kaika.data.messages import kaika_pieces
 from kaika.data.prompts import ChatTemplate, PromptTemplate, Template
 from kaika.data.tokenize import IGNORE_INDEX, encode_text, leading_special_ids
@@ -43,13 +44,23 @@ class Segment:
 
 
 def render(template: ChatTemplate, tokenizer, messages: Sequence[dict], generation_prompt: bool) -> str:
+    """The conversation as the tokenizer's ``apply_chat_template`` renders it, in a sandbox with a
+    time and size limit (:mod:`kaika.data.jinja`)."""
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
     try:
-        return tokenizer.apply_chat_template(
-            list(messages),
-            chat_template=template.source,
-            tokenize=False,
+        return render_chat(
+            template.source,
+            messages,
+            **tokenizer.special_tokens_map,
             add_generation_prompt=generation_prompt,
+            tools=None,
+            documents=None,
         )
+    except TemplateLimit as e:
+        raise KaikaError(
+            f"the chat template {template.name} was stopped: {e} rendering a conversation of {len(messages)} "
+            "messages; a chat template should take milliseconds and write about the conversation's length"
+        ) from None
     except Exception as e:  # jinja's TemplateError, raise_exception() of the template itself
         reason = str(e).strip() or f"{type(e).__name__} raised with no message"
         raise KaikaError(
