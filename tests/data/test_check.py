@@ -316,3 +316,103 @@ def test_unfenced_code_is_code_not_english(tmp_path):
     }
     report = check_files([str(write_jsonl(tmp_path / "e.jsonl", [*CLEAN, english]))])
     assert {f.kind for f in report.findings} == {"residual_english", "bracket_unbalanced"}  # prose, not code
+
+
+GOOD_LINE = json.dumps(
+    {"instruction": "日本の首都は？", "input": "", "output": "東京です。"}, ensure_ascii=False
+)
+CHAT = [{"role": "user", "content": "問"}, {"role": "assistant", "content": "答"}]
+# Second lines that `kaika train` refuses, one per class of refusal its reader has.
+REFUSED = {
+    "not JSON": '{"instruction": "i", "output": ',
+    "not an object": '["i", "o"]',
+    "missing output": '{"instruction": "i"}',
+    "empty instruction": '{"instruction": " ", "output": "o"}',
+    "a number": '{"instruction": "i", "output": 3}',
+    "a lone surrogate": '{"instruction": "i\\ud800", "output": "o"}',
+    "a surrogate deep inside": '{"instruction": "i", "output": "o", "meta": {"x": ["\\udfff"]}}',
+    "nested too deep": "[" * 5000 + "]" * 5000,
+    "two forms": json.dumps({"instruction": "i", "output": "o", "messages": CHAT}),
+    "a key twice": '{"instruction": "a", "instruction": "b", "output": "o"}',
+    "an unknown role": json.dumps({"messages": [{"role": "robot", "content": "x"}, *CHAT]}),
+    "no answer": json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+    "an image part": json.dumps(
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}, CHAT[1]]}
+    ),
+    "null content": json.dumps({"messages": [CHAT[0], {"role": "assistant", "content": None}]}),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_data_check_finds_every_record_training_refuses(tmp_path, case):
+    """What the training reader refuses, data check reports as an error at the same line first."""
+    from kaika.data.records import DataError, load_records
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(GOOD_LINE + "\n" + REFUSED[case] + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as refused:
+        load_records([str(path)])
+    line = lambda where: where.split(",")[0]  # noqa: E731 ("line 2, turn 0": the record's line)
+    assert {line(p.where) for p in refused.value.problems} == {"line 2"}, refused.value
+    errors = [f for f in check_files([str(path)]).findings if KINDS[f.kind][0] == "error"]
+    assert errors and {line(f.where) for f in errors} == {"line 2"}, errors
+
+
+def test_data_check_finds_what_the_template_and_the_length_rule_refuse(tmp_path, ja_tokenizer):
+    """With a tokenizer, data check renders each record as training does: a conversation the chat
+    template refuses is an error naming its line (training would stop on it), and a record over
+    cutoff_len × 64 characters is reported as left out, untokenized (training leaves it out)."""
+    from kaika.data.prompts import load_template
+    from kaika.data.records import load_records
+    from kaika.data.tokenize import encode_records
+
+    tok_dir = tmp_path / "tok"
+    ja_tokenizer.save_pretrained(tok_dir)
+    strict = tmp_path / "strict.jinja"
+    strict.write_text(
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    two_users = {"messages": [{"role": "user", "content": "a"}, *CHAT]}
+    huge = {"messages": [{"role": "user", "content": "長" * (64 * 64 + 1)}, CHAT[1]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}, two_users, {"messages": CHAT[::1]}, huge])
+    records = load_records([str(path)])
+    with pytest.raises(KaikaError, match="line 2: the chat template strict cannot render"):
+        encode_records(records, load_template(strict), ja_tokenizer, 64)
+    features, data = encode_records([records[i] for i in (0, 2, 3)], load_template(strict), ja_tokenizer, 64)
+    assert data.dropped_huge == 1 and len(features) == 2
+
+    report = check_files([str(path)], CheckOptions(model=str(tok_dir), template=str(strict), cutoff_len=64))
+    found = {(f.kind, f.where) for f in report.findings}
+    assert ("unrenderable", "line 2") in found and ("too_long", "line 4") in found, found
+    assert "roles must alternate" in next(f.message for f in report.findings if f.kind == "unrenderable")
+    assert report.too_long["dropped"] == 1
+
+
+PAIR = {"instruction": "日本の首都は？", "chosen": "東京です。", "rejected": "大阪です。"}
+PAIR_REFUSED = {
+    "identical sides": {"instruction": "i", "chosen": "同じ", "rejected": "同じ"},
+    "an empty side": {"instruction": "i", "chosen": "a", "rejected": " "},
+    "no prompt": {"chosen": "a", "rejected": "b"},
+    "a number": {"instruction": "i", "chosen": 1, "rejected": "b"},
+    "a lone surrogate": {"instruction": "i", "chosen": "a\ud800", "rejected": "b"},
+}
+
+
+@pytest.mark.parametrize("case", list(PAIR_REFUSED))
+def test_data_check_reads_preference_pairs_as_dpo_does(tmp_path, case):
+    from kaika.data.preference import load_pairs
+    from kaika.data.records import DataError
+
+    clean = write_jsonl(tmp_path / "ok.jsonl", [PAIR, {**PAIR, "instruction": "富士山の高さは？"}])
+    assert check_files([str(clean)]).findings == []
+    assert fix_files([str(clean)], str(tmp_path / "fixed"), CheckOptions(), FixOptions())[0][2] == 0
+    path = tmp_path / "d.jsonl"
+    bad = json.dumps(PAIR_REFUSED[case])  # ASCII: a lone surrogate is written as JSON's "\ud800" escape
+    path.write_text(json.dumps(PAIR) + "\n" + bad + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as refused:
+        load_pairs([str(path)])
+    assert {p.where for p in refused.value.problems} == {"line 2"}, refused.value
+    errors = [f for f in check_files([str(path)]).findings if KINDS[f.kind][0] == "error"]
+    assert errors and {f.where for f in errors} == {"line 2"}, errors

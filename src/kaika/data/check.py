@@ -20,12 +20,16 @@ excerpt. The checks, by kind:
 * length: ``length_outlier`` (far out on a log scale), and with a tokenizer ``too_long``
   (the example exceeds ``cutoff_len`` tokens and would be truncated, or dropped).
 
+Preference pairs (records with ``chosen`` and ``rejected``) are read as ``kaika dpo`` reads them: its
+refusals are findings, and the prompt and both answers are checked as fields.
+
 Conversation records (``messages``, ShareGPT) are read as training reads them; each turn is
 checked like a field (named ``turn 2 assistant``), lengths are compared within one role, and a
 duplicate is the same turns.
 
 ``fix_files()`` applies only unambiguous mechanical fixes and writes new files plus a log of
-every change; inputs are never modified. It fixes Alpaca fields; conversations are copied as they are.
+every change; inputs are never modified. It fixes Alpaca fields; conversations and preference pairs
+are copied as they are.
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ from typing import Any
 
 from kaika.atomic import written_files
 from kaika.config import DataArgs
-from kaika.data.records import FIELDS, Problem, iter_source, normalise_record
+from kaika.data.records import (
+    CHARS_PER_TOKEN_CAP,
+    FIELDS,
+    Problem,
+    iter_source,
+    normalise_record,
+    over_char_cap,
+    record_chars,
+)
+from kaika.data.preference import normalise_pair
 from kaika.data.stats import TokenLengths
 from kaika.errors import KaikaError
 from kaika.guard import check_output_file
@@ -54,6 +67,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "missing_field": ("error", "instruction or output missing"),
     "not_string": ("error", "a field that is not a string"),
     "empty_field": ("error", "instruction or output empty"),
+    "unrenderable": ("error", "the template refuses the record (with --model): training would stop on it"),
     "duplicate": ("warning", "identical to an earlier record"),
     "near_duplicate": ("warning", "identical to an earlier record after normalisation"),
     "same_prompt": ("info", "same instruction and input as an earlier record, different output"),
@@ -161,12 +175,28 @@ class Rec:
     def conversation(self) -> bool:
         return self.record is not None and "messages" in self.record
 
+    @property
+    def pair(self) -> bool:  # a preference pair (kaika dpo's data)
+        return self.record is not None and "chosen" in self.record
+
 
 def record_fields(norm: dict | None) -> dict[str, str] | None:
-    """The texts of a record by field: Alpaca's three, or a conversation's turns ("turn 2 assistant")."""
-    if norm is None or "messages" not in norm:
-        return norm
-    return {f"turn {i} {m['role']}": m["content"] for i, m in enumerate(norm["messages"])}
+    """The texts of a record by field: Alpaca's three, or a conversation's turns ("turn 2 assistant");
+    a preference pair's prompt so, then its ``chosen`` and ``rejected`` answers."""
+    if norm is None:
+        return None
+    if "messages" in norm:
+        fields = {f"turn {i} {m['role']}": m["content"] for i, m in enumerate(norm["messages"])}
+    else:
+        fields = {f: norm[f] for f in FIELDS if isinstance(norm.get(f), str)}
+    if "chosen" in norm:
+        fields.update(chosen=norm["chosen"], rejected=norm["rejected"])
+    return fields
+
+
+def is_pair(raw: Any, columns: dict[str, str]) -> bool:
+    """A record with both preference sides is a pair (``kaika dpo``'s data), read as dpo reads it."""
+    return isinstance(raw, dict) and all(columns.get(s, s) in raw for s in ("chosen", "rejected"))
 
 
 def field_group(fld: str) -> str:
@@ -185,7 +215,10 @@ def read_records(sources: list[str], columns: dict[str, str], report: CheckRepor
         n = 0
         for where, raw in iter_source(source, problems):
             rec_problems: list[Problem] = []
-            norm = normalise_record(raw, columns, source, where, rec_problems, conversations=True)
+            if is_pair(raw, columns):
+                norm = normalise_pair(raw, columns, source, where, rec_problems)
+            else:
+                norm = normalise_record(raw, columns, source, where, rec_problems, conversations=True)
             for p in rec_problems:
                 report.findings.append(_structure_finding(p, n))
             recs.append(Rec(source, n, where, raw, record_fields(norm), norm))
@@ -504,12 +537,45 @@ def check_lengths(recs: list[Rec], out: list[Finding]) -> None:
                 )
 
 
+def _lengths(tok: TokenLengths, recs: list[Rec], report: CheckReport) -> list[tuple[Rec, tuple[int, int]]]:
+    """Token lengths as training encodes the records; a record the template refuses is a finding
+    (training would stop on it), the others are measured."""
+    try:
+        return list(zip(recs, tok.example_lengths([r.record for r in recs]), strict=True))
+    except KaikaError:  # one record at a time, to name each the template refuses
+        pass
+    out = []
+    for rec in recs:
+        try:
+            out.append((rec, tok.example_lengths([rec.record])[0]))
+        except KaikaError as e:
+            report.findings.append(_finding("unrenderable", rec.source, rec.index, rec.where, None, str(e)))
+    return out
+
+
 def check_token_lengths(recs: list[Rec], opts: CheckOptions, report: CheckReport) -> None:
-    ok = [r for r in recs if r.record]
+    ok = [r for r in recs if r.record and not r.pair]  # pairs: kaika dpo reports their lengths
     tok = TokenLengths.load(opts.model, opts.template, any(r.conversation for r in ok))
-    lengths = tok.example_lengths([r.record for r in ok])
-    truncated = dropped = 0
-    for rec, (prompt_len, full_len) in zip(ok, lengths, strict=True):
+    huge = [r for r in ok if over_char_cap(r.record, opts.cutoff_len)]
+    for rec in huge:  # left out by training before it is tokenized; not tokenized here either
+        msg = (
+            f"{record_chars(rec.record):,} characters, over cutoff_len {opts.cutoff_len} × {CHARS_PER_TOKEN_CAP}: "
+            "left out in training, untokenized"
+        )
+        report.findings.append(
+            _finding(
+                "too_long",
+                rec.source,
+                rec.index,
+                rec.where,
+                None,
+                msg,
+                excerpt(next(iter(rec.fields.values()))),
+            )
+        )
+    measured = _lengths(tok, [r for r in ok if r not in huge], report)
+    truncated, dropped = 0, len(huge)
+    for rec, (prompt_len, full_len) in measured:
         if full_len <= opts.cutoff_len:
             continue
         if rec.conversation:  # what training does with it: oldest exchanges out first, then the cut
@@ -571,7 +637,7 @@ def check_files(sources: list[str], opts: CheckOptions | None = None) -> CheckRe
     for rec in recs:
         if not rec.fields:
             continue
-        if not rec.conversation:
+        if not rec.conversation and not rec.pair:
             check_copies(rec, report.findings)
         for fld, text in rec.fields.items():  # a conversation: each turn, checked like a field
             if text:
@@ -664,7 +730,9 @@ def fix_files(
         with written_files([fixed, log], "--fix output") as (fo, fl):
             for rec in mine:
                 raw = rec.raw
-                if rec.fields and isinstance(raw, dict) and not rec.conversation:  # Alpaca fields only
+                if (
+                    rec.fields and isinstance(raw, dict) and not rec.conversation and not rec.pair
+                ):  # Alpaca only
                     raw = dict(raw)
                     for fld in FIELDS:
                         key = opts.columns.get(fld, fld)

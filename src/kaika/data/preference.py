@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from kaika.data.records import DataError, Problem, iter_source
+from kaika.data.records import (
+    CHARS_PER_TOKEN_CAP,
+    DataError,
+    Problem,
+    iter_source,
+    over_char_cap,
+    record_chars,
+    warn_left_out,
+)
 from kaika.errors import KaikaError
 
 PAIR_FIELDS = ("prompt", "instruction", "input", "messages", "chosen", "rejected")
@@ -210,6 +218,7 @@ class PreferenceReport:
     dropped_prompt_too_long: int = (
         0  # pairs left out: the prompt leaves no room for an answer (as train does)
     )
+    dropped_huge: int = 0  # pairs over cutoff_len × CHARS_PER_TOKEN_CAP characters, left out untokenized
     conversations: int = 0  # pairs whose prompt was a conversation (the others: Alpaca prompts)
     chosen_truncated: int = 0  # answers cut to fit cutoff_len (their end-of-turn tokens kept)
     rejected_truncated: int = 0
@@ -224,7 +233,8 @@ class PreferenceReport:
 
         return (
             f"{self.kept}/{self.pairs} pairs kept ({self.dropped_prompt_too_long} dropped: prompt longer than "
-            f"cutoff_len {self.cutoff_len}; {self.conversations} with a conversation prompt); tokens "
+            f"cutoff_len {self.cutoff_len}; {self.dropped_huge} left out untokenized: over cutoff_len × "
+            f"{CHARS_PER_TOKEN_CAP} characters; {self.conversations} with a conversation prompt); tokens "
             f"p50/p90/max: prompt {pct(self.prompt_tokens)}, chosen {pct(self.chosen_tokens)}, rejected "
             f"{pct(self.rejected_tokens)}; cut to cutoff_len {self.cutoff_len}: {self.chosen_truncated} chosen, "
             f"{self.rejected_truncated} rejected (end of turn kept)"
@@ -253,6 +263,10 @@ def encode_pairs(
     rows: list[dict[str, list[int]]] = []
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
     for pair in pairs:
+        if over_char_cap(pair, cutoff_len):
+            warn_left_out(pair["where"], record_chars(pair), cutoff_len)
+            report.dropped_huge += 1
+            continue
         prompt = pair_prompt(pair)
         encoded = {}
         try:
@@ -284,8 +298,9 @@ def encode_pairs(
         rows.append(row)
     if pairs and not rows:
         raise KaikaError(
-            f"no preference pair fits cutoff_len {cutoff_len}: every prompt leaves no room for an answer; "
-            "raise --cutoff-len"
+            f"no preference pair fits cutoff_len {cutoff_len}: {report.dropped_prompt_too_long} prompts leave "
+            f"no room for an answer, {report.dropped_huge} pairs are over cutoff_len × {CHARS_PER_TOKEN_CAP} "
+            "characters; raise --cutoff-len"
         )
     report.kept = len(rows)
     report.prompt_tokens = _percentiles(lengths["prompt"])

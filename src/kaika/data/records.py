@@ -421,6 +421,39 @@ def normalise_record(
     return out if ok else None
 
 
+# A record longer than cutoff_len × this many characters is left out before it is tokenized: cut to
+# cutoff_len it would keep under 1/64 of its text, and tokenizing it whole costs more memory than the
+# rest of a run (a 10 MB record: hundreds of MB of ids and offsets). No common tokenizer averages
+# near 64 characters a token on real text (Japanese: about 1-2; English: about 4).
+CHARS_PER_TOKEN_CAP = 64
+
+
+def record_chars(rec: dict) -> int:
+    """The characters of a record's text: Alpaca's three fields, a conversation's turns, a pair's sides."""
+    chars = sum(
+        len(rec.get(k) or "") for k in ("instruction", "input", "output") if isinstance(rec.get(k), str)
+    )
+    for key in ("messages", "chosen", "rejected"):
+        value = rec.get(key)
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            chars += sum(len(m.get("content") or "") for m in value if isinstance(m, dict))
+    return chars
+
+
+def over_char_cap(rec: dict, cutoff_len: int) -> bool:
+    return record_chars(rec) > cutoff_len * CHARS_PER_TOKEN_CAP
+
+
+def warn_left_out(where: str, chars: int, cutoff_len: int) -> None:
+    log.warning(
+        "%s: %s characters, over cutoff_len %d × %d: left out before tokenizing (cut to cutoff_len it "
+        "would keep under 1/%d of its text); split it, or raise --cutoff-len",
+        where, f"{chars:,}", cutoff_len, CHARS_PER_TOKEN_CAP, CHARS_PER_TOKEN_CAP,
+    )  # fmt: skip
+
+
 def load_records(sources: Iterable[str], columns: dict[str, str] | None = None) -> list[dict[str, str]]:
     """All records of all sources (Alpaca and conversations), validated; raises DataError listing
     every problem."""

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kaika.data.prompts import PromptTemplate, Template
+from kaika.data.records import CHARS_PER_TOKEN_CAP, over_char_cap, record_chars, warn_left_out
 from kaika.errors import KaikaError
 
 IGNORE_INDEX = -100
@@ -167,6 +168,7 @@ class DataReport:
     turns_dropped: int = 0  # oldest whole exchanges left out of conversations over cutoff_len
     conversations_shortened: int = 0  # conversations that lost exchanges that way
     dropped_too_long: int = 0  # examples over cutoff_len left out (truncation "drop")
+    dropped_huge: int = 0  # records over cutoff_len × CHARS_PER_TOKEN_CAP characters, left out untokenized
     boundary_merges: int = 0  # answer boundaries a whole-text tokenization would have crossed
     train_on: str = "assistant"
     truncation: str = "turns"
@@ -181,6 +183,8 @@ class DataReport:
             else ""
         )
         drop = f"; {self.dropped_too_long} dropped: over cutoff_len" if self.dropped_too_long else ""
+        if self.dropped_huge:
+            drop += f"; {self.dropped_huge} left out untokenized: over cutoff_len × {CHARS_PER_TOKEN_CAP} characters"
         return (
             f"{self.kept}/{self.records} examples kept ({self.dropped_prompt_too_long} dropped: prompt longer "
             f"than cutoff_len {self.cutoff_len}{drop}; {self.truncated} truncated, EOS kept); {conv}"
@@ -216,6 +220,10 @@ def encode_records(
     report = DataReport(records=len(records), cutoff_len=cutoff_len, train_on=mode, truncation=truncation)
     features, lengths = [], []
     for rec in tqdm(records, desc=desc, disable=len(records) < 2000, unit="ex"):
+        if over_char_cap(rec, cutoff_len):
+            warn_left_out(rec.get("where", "a record"), record_chars(rec), cutoff_len)
+            report.dropped_huge += 1
+            continue
         if isinstance(template, PromptTemplate) and "messages" not in rec:  # Alpaca, kaika's template
             prompt = template.format(rec["instruction"], rec.get("input", ""))
             enc = encode_example(tokenizer, prompt, rec["output"], cutoff_len, mode == "all")
