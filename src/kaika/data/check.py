@@ -46,6 +46,7 @@ from typing import Any
 
 from kaika.atomic import written_files
 from kaika.config import DataArgs
+from kaika.data.preference import normalise_pair
 from kaika.data.records import (
     CHARS_PER_TOKEN_CAP,
     FIELDS,
@@ -55,7 +56,6 @@ from kaika.data.records import (
     over_char_cap,
     record_chars,
 )
-from kaika.data.preference import normalise_pair
 from kaika.data.stats import TokenLengths
 from kaika.errors import KaikaError
 from kaika.guard import check_output_file
