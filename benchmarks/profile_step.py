@@ -57,9 +57,10 @@ def main() -> None:
     from peft import get_peft_model
     from torch.profiler import ProfilerActivity, profile
 
+    from kaika.data.examples import encode_records
     from kaika.data.prompts import load_template
     from kaika.data.records import load_records
-    from kaika.data.tokenize import PadCollator, encode_records, resolve_pad_token
+    from kaika.data.tokenize import PadCollator, resolve_pad_token
     from kaika.training.loss import FastLoss, causal_lm_loss_sum
 
     tok = tt.load_tokenizer(tt.tokenizer_of(args.size))

@@ -278,9 +278,10 @@ def load_tokenizer(name: str):
 def prepare_data(args, root: Path, name: str) -> dict:
     """A fixed random sample of records, encoded once by kaika (prompt masked, EOS kept) for all
     variants; for TRL the same kept records as prompt-completion text (TRL tokenizes them itself)."""
+    from kaika.data.examples import encode_records
     from kaika.data.prompts import load_template
     from kaika.data.records import load_records
-    from kaika.data.tokenize import encode_example, encode_records, resolve_pad_token
+    from kaika.data.tokenize import encode_example, resolve_pad_token
 
     work = root / name
     work.mkdir(parents=True)

@@ -172,20 +172,36 @@ def test_choices_become_argparse_choices(capsys):
     assert "invalid choice: 'cosin'" in capsys.readouterr().err
 
 
-def test_every_scheduler_choice_builds_a_schedule():
-    """The Scheduler choices are exactly those transformers builds from a name alone."""
+def test_the_scheduler_choices_are_what_transformers_builds_from_a_name_alone():
+    """Each choice builds a schedule that warms up and moves the learning rate; every other schedule of
+    transformers needs more than a name (extra arguments, or a metric at each step), so it is left out."""
     import typing
 
     import torch
-    from transformers import get_scheduler
+    from transformers import SchedulerType, get_scheduler
 
     from kaika.config import Scheduler
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    def lrs(name):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = get_scheduler(name, optimizer, num_warmup_steps=2, num_training_steps=10)
+        out = []
+        for _ in range(10):
+            out.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return out
+
     for name in typing.get_args(Scheduler):
-        schedule = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
-        optimizer.step()
-        schedule.step()
+        values = lrs(name)
+        assert all(0.0 <= v <= 1.0 for v in values), (name, values)
+        if name != "constant":
+            assert values[0] < values[2], (name, values)  # the warmup
+        assert len(set(values)) > 1 or name == "constant", (name, values)
+    needs_a_metric = {"reduce_lr_on_plateau", "greedy"}  # stepped with the eval loss: not by name alone
+    for other in {s.value for s in SchedulerType} - set(typing.get_args(Scheduler)) - needs_a_metric:
+        with pytest.raises((ValueError, TypeError)):
+            lrs(other)
 
 
 def test_an_empty_yaml_value_is_an_error_not_the_string_none(tmp_path):

@@ -1,4 +1,5 @@
-"""The layers of docs/architecture.md point one way: no module imports from a layer above its own.
+"""The layers of docs/architecture.md point one way: no module imports from a layer above its own,
+and no module reaches itself through its imports (a cycle, even one inside a package).
 
 Read from the source with ``ast`` (imports inside functions included), so a new upward import
 fails here, in the test run, rather than in a reader's head.
@@ -19,6 +20,7 @@ LAYERS = [
     ["rundir"],
     ["training", "inference"],
     ["eval"],
+    ["api"],  # the Python front door: the verbs of the command line as functions
     ["cli", "__main__"],
 ]
 LEVEL = {part: i for i, parts in enumerate(LAYERS) for part in parts}
@@ -68,3 +70,41 @@ def test_training_and_inference_do_not_import_each_other():
                 f"{path.relative_to(SRC.parent)}:{n} imports {t}" for n, t in imports(path) if part_of(t) == b
             ]
     assert not crossing, "\n".join(crossing)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every module of kaika to the kaika modules it imports (inside functions too: an import moved
+    into a function to break a cycle still makes one)."""
+    modules = {
+        ".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in SRC.rglob("*.py")
+    }
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for _, target in imports(path):
+            while target not in modules and "." in target:  # from kaika.data import x: the package
+                target = target.rsplit(".", 1)[0]
+            if target != module and target in modules and modules[target].name != "__init__.py":
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def test_no_import_cycles():
+    graph = module_graph()
+    cycles, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join([*path[path.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles (move what both need to where it belongs):\n" + "\n".join(cycles)

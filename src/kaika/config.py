@@ -13,6 +13,8 @@ object whose fields were assigned after it was built (the Python API allows that
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import keyword
 import math
 import types
 import typing
@@ -533,6 +535,65 @@ def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for k, v in update.items():
         out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# Sections whose options carry a prefix on the command line (lora.r is --lora-r), so that the flags
+# users know from other tools keep their meaning (a bare --r or --dropout would be ambiguous).
+FLAG_PREFIX = {"lora": "lora-"}
+
+
+def flag_of(section: str | None, f: dataclasses.Field) -> str:
+    """The short command-line flag of a config field: ``--epochs``, ``--lora-r``, ``--from``."""
+    return f.metadata.get("flag") or "--" + (FLAG_PREFIX.get(section or "", "") + f.name).replace("_", "-")
+
+
+def python_names(cls: type) -> dict[str, tuple[str, str]]:
+    """Every option of config ``cls`` by its Python name, to ``(section, field)``: the flag with dashes
+    as underscores (``--lora-r`` is ``lora_r``); a field whose flag is not its name also by that name
+    (``from_run`` for ``--from``, a Python keyword)."""
+    hints = typing.get_type_hints(cls)
+    names: dict[str, tuple[str, str]] = {}
+    for section in dataclasses.fields(cls):
+        for f in dataclasses.fields(hints[section.name]):
+            flag = flag_of(section.name, f).lstrip("-").replace("-", "_")
+            for name in (flag, f.name) if f.metadata.get("flag") else (flag,):  # --from: from_run
+                if name.isidentifier() and not keyword.iskeyword(name):
+                    names.setdefault(name, (section.name, f.name))
+    return names
+
+
+def config_from(cls: type, config: Any = None, options: dict[str, Any] | None = None) -> Any:
+    """Config ``cls`` for the Python API: a config object or a YAML path (or nothing: the defaults),
+    with ``options`` over it by their Python names (``epochs=3``, ``lora_r=16``, ``data="d.jsonl"``)
+    or as whole sections (``lora={"r": 16}``). Checked as the command line is checked."""
+    if isinstance(config, cls) and not options:
+        check(config)  # fields may have been assigned after it was built
+        return config
+    if isinstance(config, cls):
+        data = dataclasses.asdict(config)
+    elif config is None or isinstance(config, (str, Path)):
+        data = load_yaml(config) if config is not None else {}
+    else:
+        raise KaikaError(
+            f"config: expected a {cls.__name__} or the path of a YAML file, got {type(config).__name__}"
+        )
+    names, sections = python_names(cls), {f.name for f in dataclasses.fields(cls)}
+    overrides: dict[str, Any] = {}
+    for name, value in (options or {}).items():
+        if name in sections and isinstance(value, dict):
+            overrides[name] = {**overrides.get(name, {}), **value}
+        elif name in names:
+            section, fld = names[name]
+            overrides.setdefault(section, {})[fld] = (
+                [str(v) for v in value] if isinstance(value, tuple) else value
+            )
+        else:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KaikaError(
+                f"unknown option {name!r} for {cls.__name__}{hint} (the names of the command line's flags)"
+            )
+    return from_dict(cls, deep_update(data, overrides), where="options")
 
 
 def resolve_config(cls: type, config_path: str | None, overrides: dict[str, Any]) -> Any:

@@ -362,9 +362,9 @@ def test_data_check_finds_what_the_template_and_the_length_rule_refuse(tmp_path,
     """With a tokenizer, data check renders each record as training does: a conversation the chat
     template refuses is an error naming its line (training would stop on it), and a record over
     cutoff_len × 64 characters is reported as left out, untokenized (training leaves it out)."""
+    from kaika.data.examples import encode_records
     from kaika.data.prompts import load_template
     from kaika.data.records import load_records
-    from kaika.data.tokenize import encode_records
 
     tok_dir = tmp_path / "tok"
     ja_tokenizer.save_pretrained(tok_dir)

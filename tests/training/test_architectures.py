@@ -17,8 +17,9 @@ import torch
 
 from helpers import seed_records
 from kaika.config import LoraArgs
+from kaika.data.examples import encode_records
 from kaika.data.prompts import load_template
-from kaika.data.tokenize import encode_records, pad_batch
+from kaika.data.tokenize import pad_batch
 from kaika.modeling.attention import set_attention
 from kaika.modeling.lora import adaptable_names, apply_lora, resolve_targets
 from kaika.training.loss import (

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from helpers import build_model, seed_records
+from kaika.data.examples import encode_records
 from kaika.data.prompts import load_template
-from kaika.data.tokenize import IGNORE_INDEX, encode_records
+from kaika.data.tokenize import IGNORE_INDEX
 from kaika.modeling.attention import set_attention
 from kaika.training.loss import FastLoss, LinearCrossEntropy, causal_lm_loss_sum
 from kaika.training.trainer import KaikaTrainer

@@ -17,9 +17,10 @@ import torch
 
 from helpers import build_model, seed_records, write_jsonl
 from kaika.config import TrainConfig
+from kaika.data.examples import encode_records
 from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
 from kaika.data.prompts import load_template
-from kaika.data.tokenize import IGNORE_INDEX, encode_records
+from kaika.data.tokenize import IGNORE_INDEX
 from kaika.modeling.attention import set_attention
 from kaika.training.loss import causal_lm_loss_sum
 from kaika.training.sft import train

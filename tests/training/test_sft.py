@@ -44,7 +44,7 @@ def make_config(tmp_path, base_model: str, records, **train_kw) -> TrainConfig:
 
 @torch.no_grad()
 def supervised_loss(model, tokenizer, template, records) -> float:
-    from kaika.data.tokenize import encode_records
+    from kaika.data.examples import encode_records
 
     feats, _ = encode_records(records, template, tokenizer, cutoff_len=64)
     losses = [

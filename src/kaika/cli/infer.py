@@ -66,7 +66,7 @@ def add_merge(p: argparse.ArgumentParser) -> None:
 
 
 def run_merge(ns: argparse.Namespace) -> None:
-    from kaika.inference.merge import merge
+    from kaika.api import merge
 
     r = merge(
         ns.adapter_dir,
@@ -106,7 +106,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(ns: argparse.Namespace) -> None:
-    from kaika.inference.export import export
+    from kaika.api import export
 
     r = export(
         ns.source,

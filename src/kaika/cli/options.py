@@ -1,7 +1,7 @@
 """Command-line options made from the config dataclasses, and the options several commands share.
 
 Each field of a section becomes ``--name`` (and ``--section.name``); sections listed in
-``FLAG_PREFIX`` put a prefix on the short flag (``lora.r`` → ``--lora-r``), so that the flags users
+``kaika.config.FLAG_PREFIX`` put a prefix on the short flag (``lora.r`` → ``--lora-r``), so that the flags users
 of the alpaca-lora recipe know keep their names. ``Literal`` fields become ``choices``. Options the
 user does not give stay absent from the namespace, so a YAML file's values are not overridden by
 defaults.
@@ -14,15 +14,13 @@ import dataclasses
 import typing
 from typing import Any
 
-from kaika.config import Dtype, GenerateArgs, choices, from_dict, section_defaults
-
-FLAG_PREFIX = {"lora": "lora-"}
+from kaika.config import Dtype, GenerateArgs, choices, flag_of, from_dict, section_defaults
 
 ADAPTER_HELP = "Output directory of kaika train (or any PEFT adapter directory)"
 
 
 def _flags(section: str | None, f: dataclasses.Field) -> list[str]:
-    short = f.metadata.get("flag") or "--" + (FLAG_PREFIX.get(section or "", "") + f.name).replace("_", "-")
+    short = flag_of(section, f)
     return [short] if section is None else [short, f"--{section}.{f.name}"]
 
 

@@ -19,7 +19,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(ns: argparse.Namespace) -> None:
-    from kaika.training.sft import train
+    from kaika.api import train
     from kaika.training.trainer import is_main_process
 
     result = train(resolve_config(TrainConfig, ns.config, namespace_overrides(ns)))
@@ -120,7 +120,7 @@ def run_pairs(ns: argparse.Namespace) -> None:
 
 
 def run_dpo(ns: argparse.Namespace) -> None:
-    from kaika.training.preference import dpo
+    from kaika.api import dpo
     from kaika.training.trainer import is_main_process
 
     if getattr(ns, "dpo_command", None) == "pairs":
@@ -146,7 +146,7 @@ def add_pretrain(p: argparse.ArgumentParser) -> None:
 
 
 def run_pretrain(ns: argparse.Namespace) -> None:
-    from kaika.training.pretrain import pretrain
+    from kaika.api import pretrain
     from kaika.training.trainer import is_main_process
 
     result = pretrain(resolve_config(PretrainConfig, ns.config, namespace_overrides(ns)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kaika.data.records import Problem
+from kaika.data.problems import Problem
 
 # What a record's turns list is called (``--columns messages=KEY`` names another), in order.
 LIST_KEYS = ("messages", "conversations")

@@ -14,15 +14,15 @@ import logging
 import random
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kaika.data.conversations import CONVERSATION_COLUMNS, LIST_KEYS, normalise_conversation, turns_key
+from kaika.data.problems import LONE_SURROGATE, DataError, Problem
 from kaika.errors import KaikaError
 
 FIELDS = ("instruction", "input", "output")
 REQUIRED = ("instruction", "output")
-MAX_SHOWN = 20
 # Data that ships inside the package, by name (files under kaika/assets, provenance beside them).
 BUILTIN_DATA = {
     "seed-tasks-ja": "seed_tasks_ja.jsonl",  # 175 Japanese Alpaca seed tasks, Apache-2.0
@@ -32,30 +32,7 @@ BUILTIN_DATA = {
 }
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Problem:
-    source: str
-    where: str  # "line 12", "record 7"
-    field: str | None
-    message: str
-
-    def __str__(self) -> str:
-        fld = f" field {self.field!r}:" if self.field else ""
-        return shown(f"{self.source}, {self.where}:{fld} {self.message}")
-
-
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 NESTING = "JSON nested deeper than the reader goes (about 1,000 levels of [ and {); records are flat objects"
-
-
-def shown(text: str) -> str:
-    """``text`` safe to print: control characters (ANSI escapes, NUL…) as escapes, never sent raw to
-    the terminal; lone surrogates as escapes (a terminal's encoder would fail on them)."""
-    text = CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def text_problem(value: Any, field: str | None = None) -> tuple[str | None, str] | None:
@@ -82,17 +59,6 @@ def text_problem(value: Any, field: str | None = None) -> tuple[str | None, str]
             if found:
                 return found
     return None
-
-
-class DataError(KaikaError):
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        shown = "\n".join(f"  - {p}" for p in problems[:MAX_SHOWN])
-        more = f"\n  … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
-        super().__init__(
-            f"{len(problems)} problem(s) in the data:\n{shown}{more}\n"
-            "Fix these records (or remove them) and run again; nothing was trained or written."
-        )
 
 
 class _Object(dict):
@@ -368,8 +334,6 @@ def normalise_record(
         problems.append(Problem(source, where, None, f"expected a JSON object, got {type(rec).__name__}"))
         return None
     if conversations:
-        from kaika.data.conversations import LIST_KEYS, normalise_conversation, turns_key
-
         key = turns_key(rec, columns)
         if key is not None:
             forms = [k for k in LIST_KEYS if k in rec] + [
@@ -457,8 +421,6 @@ def warn_left_out(where: str, chars: int, cutoff_len: int) -> None:
 def load_records(sources: Iterable[str], columns: dict[str, str] | None = None) -> list[dict[str, str]]:
     """All records of all sources (Alpaca and conversations), validated; raises DataError listing
     every problem."""
-    from kaika.data.conversations import CONVERSATION_COLUMNS
-
     columns = columns or {}
     targets = (*FIELDS, *CONVERSATION_COLUMNS)
     bad_cols = sorted(set(columns) - set(targets))

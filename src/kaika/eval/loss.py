@@ -1,7 +1,7 @@
 """``kaika eval loss``: supervised-token loss and perplexity on held-out instruction data.
 
 The examples are encoded exactly as in training (the run's saved template, ``cutoff_len`` and
-``train_on_inputs``, :func:`kaika.data.tokenize.encode_records`), and the loss is the negative
+``train_on_inputs``, :func:`kaika.data.examples.encode_records`), and the loss is the negative
 log-likelihood summed over every supervised token of the whole file divided by their count:
 not a mean of per-batch means, so it does not depend on the batch size or on padding.
 For an adapter, the base model is scored too, by switching the adapter off (one model in memory).
@@ -17,7 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kaika.data.tokenize import encode_records, pad_batch
+from kaika.data.examples import encode_records
+from kaika.data.tokenize import pad_batch
 from kaika.inference.generate import Loaded, load
 from kaika.rundir import RunDir
 from kaika.training.loss import LossResult, token_weighted_loss

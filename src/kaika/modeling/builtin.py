@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
+from kaika.modeling.gguf import drop_gguf_quantizer, missing_gguf
+
 log = logging.getLogger(__name__)
 
 # Bump when the recipe changes, so stale caches are not reused.
@@ -170,8 +172,6 @@ def gemma_3_tokenizer(gguf: Path | None = None):
     """
     from transformers import AutoTokenizer
 
-    from kaika.modeling.load import missing_gguf
-
     if gguf is None:
         package = _gemma_package()
         gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
@@ -194,7 +194,6 @@ def build_gemma_3_270m(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from kaika import __version__
-    from kaika.modeling.load import drop_gguf_quantizer, missing_gguf
 
     package = _gemma_package()
     gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)

@@ -21,6 +21,7 @@ from kaika.config import ModelArgs
 from kaika.errors import KaikaError, require_extra
 from kaika.modeling.attention import fuse_gelu, set_attention
 from kaika.modeling.builtin import builtin_model_path, builtin_names
+from kaika.modeling.gguf import drop_gguf_quantizer, missing_gguf
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,6 @@ def load_tokenizer(args: ModelArgs, source: ModelSource | None = None):
         raise missing_gguf(e) from None
 
 
-def missing_gguf(err: ImportError) -> KaikaError:
-    return KaikaError(f"reading a GGUF file needs the gguf package: pip install 'gguf>=0.10' ({err})")
-
-
 def quantization_config(args: ModelArgs, dtype: torch.dtype):
     """bitsandbytes' config for ``--quantization``, on a GPU or a CPU (bitsandbytes >= 0.49 runs there).
 
@@ -311,16 +308,3 @@ def one_cpu_packing(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-
-
-def drop_gguf_quantizer(model) -> None:
-    """A GGUF checkpoint loads as dense weights, yet transformers marks the model "quantized (gguf)",
-    which makes Trainer refuse to train it and save_pretrained refuse to write it. When nothing was
-    kept packed, the mark is false: remove it."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if (
-        quantizer is not None
-        and quantizer.quantization_config.quant_method == "gguf"
-        and not getattr(quantizer, "packed_modules", None)
-    ):
-        quantizer.remove_quantization_config(model)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from kaika.config import TrainConfig, check
+from kaika.data.examples import DataReport, encode_records
 from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
 from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
 from kaika.data.records import load_records, split_records
-from kaika.data.tokenize import DataReport, PadCollator, encode_records, pad_batch, resolve_pad_token
+from kaika.data.tokenize import PadCollator, pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
 from kaika.guard import check_inputs_outside
 from kaika.modeling.load import (
