@@ -286,7 +286,34 @@ def fit(args, t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> F
 
 def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
     """Run a built trainer (kaika's, or TRL's preference trainers) under kaika's progress bar, JSON
-    log, planned-steps stop and fault guard; evaluate the last step when it was not."""
+    log, planned-steps stop and fault guard; evaluate the last step when it was not.
+
+    The loop is transformers' ``Trainer.train``; kaika changes it only through the pieces below, in
+    the order they act (callbacks run in the order of ``trainer.callback_handler.callbacks``):
+
+    1. **before the loop** — ``guarded_training`` (faults.py) installs the signal handlers, finds the
+       checkpoint to resume, and adds ``FaultWatch``; the sampler is ``KaikaTrainer._get_train_sampler``'s
+       ``EpochLengthGroupedSampler`` (or ``SeededOrder``'s shuffle for TRL's trainers): an order that
+       depends on (seed, epoch) alone, so resume and DDP replay it.
+    2. **train begin** — ``TokensPerSecond`` starts its clock; ``StopAtPlannedSteps`` *may stop* the
+       loop (``PlannedStepsDone``: a resumed run with nothing left); ``ShardReport`` logs each rank's
+       share of the weights; ``FaultWatch`` compares the ranks' settings, model and data and *may stop*
+       it (``KaikaError`` naming the difference).
+    3. **each epoch begin** — ``_SamplerEpoch`` tells the sampler its epoch.
+    4. **each step** — ``KaikaTrainer.compute_loss`` (kaika's chunked loss where it is the model's own),
+       ``training_step`` (then the ``--lora-qkv`` masks on sharded gradients); before the optimizer
+       step ``FaultWatch`` *may stop* on a non-finite gradient; at step end ``FaultWatch`` *may stop*
+       on a signal (SIGINT/SIGTERM: a checkpoint, then ``TrainingStopped``), ``EvaluateLastStep`` asks
+       for an evaluation at the last step.
+    5. **each log** — ``TokensPerSecond`` adds tokens/s (first in line, so every later callback sees
+       it), ``JsonlLogCallback`` writes ``trainer_log.jsonl``, ``LossProgressCallback`` updates the bar,
+       then the trackers (TensorBoard, W&B, MLflow).
+    6. **after the loop** — ``guarded_training`` turns a lost peer or a collective timeout into
+       ``TrainingStopped`` with the last good checkpoint and ``--resume``; the last step is evaluated
+       here if it was not (a resume with nothing left to train).
+
+    ``tests/training/test_loop.py`` fails when the Trainer method kaika overrides changes, and when a
+    fixed tiny run's first losses move."""
     out = Path(t.output_dir)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback())
