@@ -28,7 +28,7 @@ from typing import Literal
 
 from kaika.atomic import ADAPTER_CONFIG, adapter_problem, read_marker
 from kaika.config import DataArgs, DpoConfig, ModelArgs, PretrainConfig, TrainConfig, load_config, save_yaml
-from kaika.data.prompts import AUTO, CHAT, DEFAULT, Template, load_template, resolve_template
+from kaika.data.prompts import CHAT, DEFAULT, Template, load_template, resolve_template
 from kaika.errors import KaikaError
 from kaika.modeling.builtin import NOTICE_FILES
 from kaika.modeling.load import ModelSource, load_tokenizer, resolve_source
@@ -226,11 +226,10 @@ def run_template(
 
 
 def named_template(name: str, tokenizer_source: ModelSource | None) -> Template:
-    if name == AUTO:
-        return load_template(DEFAULT)
-    if name == CHAT and tokenizer_source is not None:
-        return resolve_template(CHAT, load_tokenizer(ModelArgs(), tokenizer_source))
-    return load_template(name)
+    """A template saved by name (a run of an older kaika, an adapter trained elsewhere), decoded by the
+    one owner of template names, :func:`kaika.data.prompts.resolve_template`."""
+    tokenizer = load_tokenizer(ModelArgs(), tokenizer_source) if name == CHAT and tokenizer_source else None
+    return resolve_template(name, tokenizer)
 
 
 def check_adapter_dir(adapter_dir: Path) -> None:

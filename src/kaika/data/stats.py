@@ -159,13 +159,11 @@ def data_stats(
 
 
 def plot_histogram(lengths: dict[str, list[int]], report: StatsReport, cutoff_len: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # not pyplot: no backend switched under a notebook
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig = Figure(figsize=(9, 4.5))
+    ax = fig.subplots()
     # The long tail would squash the picture: examples beyond 1.2x the largest p99 pile up in the last bin.
     top = int(1.2 * max(max(cutoff_keeping(v, 0.99) for v in lengths.values()), cutoff_len))
     for name, values in lengths.items():
@@ -184,7 +182,6 @@ def plot_histogram(lengths: dict[str, list[int]], report: StatsReport, cutoff_le
     fmt = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
     with written_file(path, "--plot", binary=True) as f:
         fig.savefig(f, dpi=100, format=fmt)
-    plt.close(fig)
 
 
 def print_stats(r: StatsReport) -> None:

@@ -256,22 +256,26 @@ def delta_table(task_set: str, found) -> Table:
 # --------------------------------------------------------------------------- plots
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
+def _figure(**kwargs):
+    """A Figure of its own, not pyplot's: no backend is switched or kept open (a notebook's inline
+    plots keep working, and nothing accumulates across calls)."""
+    from matplotlib.figure import Figure
 
+    return Figure(**kwargs)
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 
 def plot_losses(runs: list[Run]) -> bytes | None:
-    import matplotlib.pyplot as plt
-
     if not any(r.train or r.evals for r in runs):
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+    fig = _figure(figsize=(7, 3.8), dpi=100)
+    ax = fig.subplots()
     for i, r in enumerate(runs):
         color = f"C{i}"
         if r.train:
@@ -286,8 +290,6 @@ def plot_losses(runs: list[Run]) -> bytes | None:
 
 
 def plot_metrics(runs: list[Run], task_set: str) -> bytes | None:
-    import matplotlib.pyplot as plt
-
     cols = columns_for(runs, task_set)
     keys = [
         (k, label)
@@ -296,7 +298,8 @@ def plot_metrics(runs: list[Run], task_set: str) -> bytes | None:
     ]
     if not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(2.3 * len(keys), 3.2), dpi=100, squeeze=False)
+    fig = _figure(figsize=(2.3 * len(keys), 3.2), dpi=100)
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys, strict=True):
         values = [s.get(key) or 0.0 for _, s in cols]
         ax.bar(range(len(cols)), values, color=[f"C{i}" for i in range(len(cols))])
@@ -307,10 +310,9 @@ def plot_metrics(runs: list[Run], task_set: str) -> bytes | None:
 
 
 def plot_deltas(found) -> bytes | None:
-    import matplotlib.pyplot as plt
-
     metric, labels, baseline, deltas = found
-    fig, ax = plt.subplots(figsize=(max(6, 0.09 * len(baseline) * len(labels) + 3), 3.5), dpi=100)
+    fig = _figure(figsize=(max(6, 0.09 * len(baseline) * len(labels) + 3), 3.5), dpi=100)
+    ax = fig.subplots()
     width = 0.8 / len(labels)
     for j, (label, d) in enumerate(zip(labels, deltas, strict=True)):
         xs = [i + j * width for i in range(len(d))]
@@ -335,9 +337,6 @@ _STYLE = (
 
 def compare(paths: list[str | Path], output_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` (with PNGs beside it) and a self-contained ``report.html``; return both paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     if not paths:
         raise KaikaError("give at least one run directory to report on")
     paths = [Path(p) for p in paths]

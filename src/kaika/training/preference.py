@@ -14,52 +14,40 @@ itself, the adapter switched off.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kaika.config import DpoConfig, ModelArgs, check
+from kaika.config import DpoConfig, ModelArgs
 from kaika.data.preference import PreferenceReport, encode_pairs, load_pairs
 from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
 from kaika.data.records import split_records
-from kaika.data.tokenize import pad_batch, resolve_pad_token
+from kaika.data.tokenize import resolve_pad_token
 from kaika.errors import KaikaError
-from kaika.guard import check_inputs_outside
 from kaika.modeling.load import (
     ModelSource,
     load_model,
     load_tokenizer,
-    quantization_config,
     resolve_dtype,
     resolve_source,
 )
 from kaika.modeling.lora import apply_lora, enable_gradient_checkpointing
 from kaika.modeling.qkv import apply_slice_masks, parse_slices
 from kaika.rundir import (
-    CURVE_FILE,
     LOG_FILE,
     REPORT_FILE,
     RunDir,
-    save_base_fingerprint,
-    save_base_notices,
-    save_config,
-    save_template,
-    save_tokenizer,
 )
-from kaika.training.launch import check_launch, detect_launch, log_launch
-from kaika.training.saving import VerifyOn, save_adapter
+from kaika.training.saving import RunFiles, save_verified_adapter
 from kaika.training.trainer import (
     Fitted,
     JsonlLogCallback,
     SeededOrder,
-    check_output_dir,
-    gradient_accumulation,
+    check_recipe,
     log_batch,
     mixed_precision,
-    plot_loss_curve,
     prepare_output_dir,
     run_fit,
     run_lock,
@@ -127,17 +115,13 @@ def _fmt(value: float | None) -> str:
 
 def check_config(cfg: DpoConfig) -> tuple[Path, RunDir | None]:
     """What can be known wrong without reading data or loading a model fails here, first."""
-    check(cfg)
-    gradient_accumulation(cfg.train, world_size())
-    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
-    launch = detect_launch()
-    check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing, command="dpo")
+    inputs = [*cfg.data.data, *cfg.data.val_data, *([cfg.dpo.from_run] if cfg.dpo.from_run else [])]
+    out, launch = check_recipe(cfg, inputs, command="dpo")
     if launch.engine in ("fsdp", "deepspeed"):
         raise KaikaError(
             f"kaika dpo under {launch.describe()}: kaika runs TRL's preference trainers in one process or "
             "with DDP only, so far; launch with torchrun or configs/accelerate/ddp.yaml"
         )
-    log_launch(launch)
     if cfg.dpo.precompute_ref and cfg.dpo.loss in REFERENCE_FREE:
         raise KaikaError(f"--precompute-ref: the {cfg.dpo.loss} loss has no reference model to precompute")
     run = None
@@ -145,10 +129,7 @@ def check_config(cfg: DpoConfig) -> tuple[Path, RunDir | None]:
         run = RunDir.open(cfg.dpo.from_run)  # a missing or half-written adapter is refused here
         if Path(cfg.dpo.from_run).resolve() == Path(cfg.train.output_dir).resolve():
             raise KaikaError("--from and --output-dir are the same directory: the SFT run would be replaced")
-    if cfg.train.overwrite:
-        inputs = [*cfg.data.data, *cfg.data.val_data, *([cfg.dpo.from_run] if run else [])]
-        check_inputs_outside(cfg.train.output_dir, inputs, "--overwrite")
-    return check_output_dir(cfg.train), run
+    return out, run
 
 
 def start_model_args(given: ModelArgs, run: RunDir) -> ModelArgs:
@@ -366,21 +347,8 @@ def save_and_verify(
         fitted.model,
     )
 
-    def write_files(stage: Path) -> None:
-        if template.kind == "chat":
-            tokenizer.chat_template = template.source
-        save_tokenizer(tokenizer, stage)
-        save_config(cfg, stage)
-        save_template(template, stage)
-        save_base_notices(source.path, stage)
-        save_base_fingerprint(source, stage)
-        (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
-        plot_loss_curve(fitted.history, stage / CURVE_FILE)
-
+    files = RunFiles(cfg, tokenizer, fitted.history, REPORT_FILE, asdict(report), template, source)
     rows = [{"input_ids": r["prompt_ids"] + r["chosen_ids"]} for r in train_rows[:VERIFY_PAIRS]]
-    verify = (
-        VerifyOn(cfg.model, source, pad_batch(rows, tokenizer.pad_token_id)) if cfg.train.verify else None
-    )
     # Only the trained adapter: not the frozen reference copy that --from adds beside it.
-    save_adapter(fitted, out, write_files, verify, selected_adapters=["default"])
+    save_verified_adapter(fitted, out, files, rows, selected_adapters=["default"])
     return result

@@ -17,42 +17,33 @@ from typing import Any
 import torch
 
 from kaika.atomic import staged_output
-from kaika.config import PretrainConfig, check
+from kaika.config import PretrainConfig
 from kaika.data.packing import PackedCollator, enable_packed_attention, pack_documents
 from kaika.data.records import DOC_FILES, DataError, Problem, iter_source, split_records
 from kaika.data.tokenize import pad_batch, resolve_pad_token
 from kaika.errors import KaikaError
-from kaika.guard import check_inputs_outside
 from kaika.modeling.load import (
     DTYPES,
     load_model,
     load_tokenizer,
-    quantization_config,
     resolve_dtype,
     resolve_source,
 )
 from kaika.modeling.verify import verify_full_model
 from kaika.rundir import (
     CHECKPOINTS,
-    CURVE_FILE,
     PRETRAIN_REPORT_FILE,
-    save_base_fingerprint,
-    save_base_notices,
-    save_config,
-    save_tokenizer,
 )
 from kaika.training.faults import last_good_checkpoint
-from kaika.training.launch import check_launch, detect_launch, engine_dtype, log_launch
+from kaika.training.launch import detect_launch, engine_dtype
 from kaika.training.loss import token_weighted_loss
-from kaika.training.saving import VerifyOn, release_training_memory, save_adapter
+from kaika.training.saving import RunFiles, release_training_memory, save_verified_adapter
 from kaika.training.trainer import (
     Fitted,
-    check_output_dir,
+    check_recipe,
     fit,
-    gradient_accumulation,
     is_main_process,
     mixed_precision,
-    plot_loss_curve,
     prepare_output_dir,
     run_lock,
     training_arguments,
@@ -142,32 +133,19 @@ def master_weights(cfg: PretrainConfig) -> PretrainConfig:
 
 def check_pretrain_config(cfg: PretrainConfig) -> Path:
     p = cfg.pretrain
-    check(cfg)  # choices and bounds again: the Python API may have assigned fields after building
-    gradient_accumulation(cfg.train, world_size())
     if not p.data:
         raise KaikaError("no training text: pass --data FILE_OR_DIR (UTF-8 .txt, JSONL with a text field…)")
-    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
-    launch = detect_launch()
-    check_launch(
-        launch,
-        cfg.model.quantization,
-        cfg.train.gradient_checkpointing,
-        full=is_full(cfg),
-        command="pretrain",
-    )
+    inputs = [*p.data, *p.val_data, *([p.from_scratch] if p.from_scratch else [])]
+    out, launch = check_recipe(cfg, inputs, command="pretrain", full=is_full(cfg))
     if is_full(cfg) and launch.sharded:
         raise KaikaError(
             f"kaika pretrain --full under {launch.describe()}: the whole-model save of sharded weights is not "
             "built yet; train every weight with DDP or DeepSpeed ZeRO-2, or LoRA (without --full) under "
             "FSDP/ZeRO-3"
         )
-    log_launch(launch)
     if p.from_scratch and not Path(p.from_scratch).exists():
         raise KaikaError(f"--from-scratch {p.from_scratch}: no such file or directory")
-    if cfg.train.overwrite:
-        inputs = [*p.data, *p.val_data, *([p.from_scratch] if p.from_scratch else [])]
-        check_inputs_outside(cfg.train.output_dir, inputs, "--overwrite")
-    return check_output_dir(cfg.train)
+    return out
 
 
 # --------------------------------------------------------------------------- text
@@ -406,21 +384,19 @@ def save_and_verify(
         "train_loss": result.train_loss,
     }
 
-    def write_files(stage: Path) -> None:
-        save_tokenizer(tokenizer, stage)
-        save_config(cfg, stage)
-        if not cfg.pretrain.from_scratch:
-            save_base_notices(resolve_source(cfg.model).path, stage)
-            if not is_full(cfg):  # an adapter: the base it needs is recorded
-                save_base_fingerprint(resolve_source(cfg.model), stage)
-        (stage / PRETRAIN_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        plot_loss_curve(fitted.history, stage / CURVE_FILE)
-
-    rows = [{"input_ids": r["input_ids"]} for r in train_set[:VERIFY_ROWS]]
-    batch = pad_batch(rows, tokenizer.pad_token_id)  # packed rows are full: no padding added
+    source = None if cfg.pretrain.from_scratch else resolve_source(cfg.model)
+    files = RunFiles(
+        cfg,
+        tokenizer,
+        fitted.history,
+        PRETRAIN_REPORT_FILE,
+        summary,
+        source=source,
+        fingerprint=not is_full(cfg),  # an adapter: the base it needs is recorded
+    )
+    rows = [{"input_ids": r["input_ids"]} for r in train_set[:VERIFY_ROWS]]  # packed rows: no padding added
     if not is_full(cfg):
-        verify = VerifyOn(cfg.model, resolve_source(cfg.model), batch) if cfg.train.verify else None
-        save_adapter(fitted, out, write_files, verify)
+        save_verified_adapter(fitted, out, files, rows)
         return result
     release_training_memory(fitted.trainer)
     if not is_main_process():
@@ -428,8 +404,9 @@ def save_and_verify(
     # Written aside, verified there, then moved into `out`, weights last (as kaika train does).
     with staged_output(out, commit=FULL_WEIGHTS) as stage:
         save_full_model(cfg, model, stage)
-        write_files(stage)
+        files(stage)
         if cfg.train.verify:
+            batch = pad_batch(rows, tokenizer.pad_token_id)
             verify_full_model(stage, model, batch, cfg.model, cast=cfg.pretrain.save_dtype != "auto")
     return result
 

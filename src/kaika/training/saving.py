@@ -11,11 +11,17 @@ In order, on every rank:
    (:func:`kaika.modeling.verify.verify_adapter`: tensors bit for bit, then a fresh base with the
    reloaded adapter), and moves it into the output directory. A sharded run verifies on the CPU: its
    base does not fit one device, which is why it was sharded.
+
+What a recipe writes beside its weights is one :class:`RunFiles`: the tokenizer (with the chat
+template the run trained on), the config, the template, the base's notices and fingerprint, the
+recipe's report and the loss curve; :func:`save_verified_adapter` is the whole end of train, dpo and
+pretrain-LoRA, and ``pretrain --full`` writes the same files beside its whole model.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +32,21 @@ import torch
 
 from kaika.atomic import staged_output
 from kaika.config import ModelArgs
-from kaika.modeling.load import ModelSource
+from kaika.data.prompts import Template
+from kaika.data.tokenize import pad_batch
+from kaika.modeling.load import ModelSource, resolve_source
 from kaika.modeling.qkv import check_block_structure
 from kaika.modeling.verify import verify_adapter
+from kaika.rundir import (
+    CURVE_FILE,
+    save_base_fingerprint,
+    save_base_notices,
+    save_config,
+    save_template,
+    save_tokenizer,
+)
 from kaika.training.launch import detect_launch, peft_model_of, trainable_state
-from kaika.training.trainer import Fitted, is_main_process
+from kaika.training.trainer import Fitted, is_main_process, plot_loss_curve
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +82,52 @@ def release_training_memory(trainer) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@dataclass
+class RunFiles:
+    """The files of a run beside its weights, the same for every recipe; call it on the staging directory."""
+
+    config: Any  # TrainConfig, DpoConfig, PretrainConfig
+    tokenizer: Any
+    history: list[dict]  # the trainer's log, for the loss curve
+    report_file: str
+    report: dict[str, Any]
+    template: Template | None = None  # None: pretraining (plain text, no prompt template)
+    source: ModelSource | None = None  # the base; None: a model built from scratch
+    fingerprint: bool = True  # record the base's fingerprint (an adapter needs that base)
+
+    def __call__(self, stage: Path) -> None:
+        if self.template is not None and self.template.kind == "chat":
+            # other tools prompt the run (and its merge) with what it trained on
+            self.tokenizer.chat_template = self.template.source
+        save_tokenizer(self.tokenizer, stage)
+        save_config(self.config, stage)
+        if self.template is not None:
+            save_template(self.template, stage)
+        if self.source is not None:
+            save_base_notices(self.source.path, stage)
+            if self.fingerprint:
+                save_base_fingerprint(self.source, stage)
+        (stage / self.report_file).write_text(json.dumps(self.report, indent=2) + "\n", encoding="utf-8")
+        plot_loss_curve(self.history, stage / CURVE_FILE)
+
+
+def save_verified_adapter(
+    fitted: Fitted,
+    out: Path,
+    files: RunFiles,
+    rows: list[dict[str, list[int]]],
+    selected_adapters: list[str] | None = None,
+) -> None:
+    """The end of an adapter recipe: the adapter and ``files`` saved into ``out`` (staged), verified on
+    ``rows`` (a few of its training rows, ``input_ids``) unless the run's ``--no-verify``."""
+    cfg = files.config
+    verify = None
+    if cfg.train.verify:
+        batch = pad_batch(rows, files.tokenizer.pad_token_id)
+        verify = VerifyOn(cfg.model, files.source or resolve_source(cfg.model), batch)
+    save_adapter(fitted, out, files, verify, selected_adapters)
 
 
 def save_adapter(

@@ -6,47 +6,36 @@ share with ``kaika pretrain`` is :mod:`kaika.training.trainer`).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kaika.config import TrainConfig, check
+from kaika.config import TrainConfig
 from kaika.data.examples import DataReport, encode_records
 from kaika.data.packing import PackedExamplesCollator, enable_packed_attention, pack_examples
 from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
 from kaika.data.records import load_records, split_records
-from kaika.data.tokenize import PadCollator, pad_batch, resolve_pad_token
+from kaika.data.tokenize import PadCollator, resolve_pad_token
 from kaika.errors import KaikaError
-from kaika.guard import check_inputs_outside
 from kaika.modeling.load import (
     ModelSource,
     load_model,
     load_tokenizer,
-    quantization_config,
     resolve_dtype,
     resolve_source,
 )
 from kaika.modeling.lora import apply_lora
 from kaika.rundir import (
-    CURVE_FILE,
     REPORT_FILE,
-    save_base_fingerprint,
-    save_base_notices,
-    save_config,
-    save_template,
-    save_tokenizer,
 )
-from kaika.training.launch import check_launch, detect_launch, engine_dtype, log_launch
-from kaika.training.saving import VerifyOn, save_adapter
+from kaika.training.launch import detect_launch, engine_dtype
+from kaika.training.saving import RunFiles, save_verified_adapter
 from kaika.training.trainer import (
     Fitted,
-    check_output_dir,
+    check_recipe,
     fit,
-    gradient_accumulation,
     mixed_precision,
-    plot_loss_curve,
     prepare_output_dir,
     run_lock,
     training_arguments,
@@ -110,15 +99,8 @@ def _train(cfg: TrainConfig, out: Path) -> TrainResult:
 
 def check_config(cfg: TrainConfig) -> Path:
     """What can be known wrong without reading data or loading a model fails here, first."""
-    check(cfg)  # choices and bounds again: the Python API may have assigned fields after building
-    gradient_accumulation(cfg.train, world_size())
-    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
-    launch = detect_launch()
-    check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing)
-    log_launch(launch)
-    if cfg.train.overwrite:
-        check_inputs_outside(cfg.train.output_dir, [*cfg.data.data, *cfg.data.val_data], "--overwrite")
-    return check_output_dir(cfg.train)
+    out, _ = check_recipe(cfg, [*cfg.data.data, *cfg.data.val_data])
+    return out
 
 
 def load_data(cfg: TrainConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -243,17 +225,6 @@ def save_and_verify(
         fitted.model,
     )
 
-    def write_files(stage: Path) -> None:
-        if template.kind == "chat":  # other tools prompt the run (and its merge) with what it trained on
-            tokenizer.chat_template = template.source
-        save_tokenizer(tokenizer, stage)
-        save_config(cfg, stage)
-        save_template(template, stage)
-        save_base_notices(source.path, stage)
-        save_base_fingerprint(source, stage)
-        (stage / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
-        plot_loss_curve(fitted.history, stage / CURVE_FILE)
-
-    batch = pad_batch(train_set[:VERIFY_EXAMPLES], tokenizer.pad_token_id)
-    save_adapter(fitted, out, write_files, VerifyOn(cfg.model, source, batch) if cfg.train.verify else None)
+    files = RunFiles(cfg, tokenizer, fitted.history, REPORT_FILE, asdict(report), template, source)
+    save_verified_adapter(fitted, out, files, train_set[:VERIFY_EXAMPLES])
     return result

@@ -287,12 +287,10 @@ def results_markdown(records: list[RunRecord], runs: list[SweepRun]) -> str:
 
 
 def plot_results(records: list[RunRecord], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend switched under a notebook
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
     ok = [r for r in records if r.status == "ok" and r.eval_loss is not None and r.trainable_params]
     for variant in dict.fromkeys(r.variant for r in ok):
         # Runs of one size (other seeds, say) are drawn each, and the line goes through their mean.
@@ -315,4 +313,3 @@ def plot_results(records: list[RunRecord], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -26,13 +26,13 @@ import torch
 from torch.utils.data import Sampler
 from transformers import ProgressCallback, Trainer, TrainerCallback
 
-from kaika.config import TrainArgs
+from kaika.config import TrainArgs, check
 from kaika.errors import KaikaError
-from kaika.guard import DirLock, check_replaceable, claim, empty_owned, is_kaika_hidden
+from kaika.guard import DirLock, check_inputs_outside, check_replaceable, claim, empty_owned, is_kaika_hidden
 from kaika.modeling.qkv import mask_sharded_slice_grads
 from kaika.rundir import CHECKPOINTS, LOG_FILE
 from kaika.training.faults import check_disk_space, check_writable, guarded_training
-from kaika.training.launch import ShardedOnCpu, ShardReport, detect_launch
+from kaika.training.launch import Launch, ShardedOnCpu, ShardReport, check_launch, detect_launch, log_launch
 from kaika.training.loss import (
     FastLoss,
     LogitTransform,
@@ -74,6 +74,26 @@ def check_tracker(report_to: str) -> None:
         raise KaikaError(
             f"--report-to {report_to} needs the {report_to} package: pip install 'kaika[{report_to}]'"
         )
+
+
+def check_recipe(
+    cfg: Any, inputs: list[str], command: str = "train", full: bool = False
+) -> tuple[Path, Launch]:
+    """The early checks every recipe makes, before it reads data or loads a model: the config's choices
+    and bounds again (the Python API may assign fields after building it), the batch against the world
+    size, the quantization, the launch, the inputs an ``--overwrite`` would delete, the output directory.
+    Returns the output directory and the launch (for the recipe's own checks, which follow)."""
+    from kaika.modeling.load import quantization_config, resolve_dtype
+
+    check(cfg)
+    gradient_accumulation(cfg.train, world_size())
+    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
+    launch = detect_launch()
+    check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing, full=full, command=command)
+    log_launch(launch)
+    if cfg.train.overwrite:
+        check_inputs_outside(cfg.train.output_dir, inputs, "--overwrite")
+    return check_output_dir(cfg.train), launch
 
 
 def check_output_dir(args: TrainArgs) -> Path:
@@ -315,8 +335,11 @@ def run_fit(trainer, t: TrainArgs, evaluate: bool) -> Fitted:
     ``tests/training/test_loop.py`` fails when the Trainer method kaika overrides changes, and when a
     fixed tiny run's first losses move."""
     out = Path(t.output_dir)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossProgressCallback())
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        # In a terminal: kaika's bar (loss and lr on it). In a notebook transformers shows its own
+        # HTML table of the logs (NotebookProgressCallback), which is kept.
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossProgressCallback())
     # First in line: every later callback (the JSON log, TensorBoard, W&B, MLflow) sees tokens/s in the logs.
     trainer.callback_handler.callbacks.insert(0, TokensPerSecond())
     for cb in trainer.callback_handler.callbacks:
@@ -468,15 +491,14 @@ class JsonlLogCallback(TrainerCallback):
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: no backend switched, so a notebook's inline plots keep working.
+    from matplotlib.figure import Figure
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     margin = [(h["step"], h["rewards/margins"]) for h in history if "rewards/margins" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     for points, label, style in ((train, "train loss", "-"), (val, "eval loss", "o--")):
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
@@ -493,7 +515,6 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
         ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- the Trainer
