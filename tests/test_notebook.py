@@ -6,14 +6,12 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-import pytest
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart_ja.ipynb"
 TINY = {"BASE_MODEL": '"tiny-bloom-ja"', "MAX_STEPS": "4"}
 
 
 def test_the_quickstart_notebook_runs_with_a_real_kernel(tmp_path):
-    nbformat = pytest.importorskip("nbformat", reason="the dev extra installs nbformat")
+    import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
