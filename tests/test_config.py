@@ -209,3 +209,26 @@ def test_an_empty_yaml_value_is_an_error_not_the_string_none(tmp_path):
     path.write_text("train:\n  output_dir:\n", encoding="utf-8")
     with pytest.raises(KaikaError, match="c.yaml.train.output_dir: a value is needed"):
         load_train_config(path)
+
+
+def test_each_limit_is_stated_once():
+    """Options one command borrows from another's config carry its declared check, and a choice list
+    copied from the module that implements it equals it."""
+    import typing
+
+    from kaika.cli import main
+    from kaika.config import GgufQuant
+    from kaika.modeling.to_gguf import QUANTS
+
+    assert typing.get_args(GgufQuant) == tuple(QUANTS)
+    for argv in (["eval", "loss", "run", "d.jsonl", "--cutoff-len", "1"], ["data", "check", "d.jsonl", "--cutoff-len", "1"],
+                 ["data", "stats", "d.jsonl", "--cutoff-len", "1"], ["train", "--cutoff-len", "1"]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+    with pytest.raises(SystemExit):
+        main(["serve", "--queue-size", "-1"])
+    with pytest.raises(KaikaError, match="unknown key"):
+        import kaika
+
+        kaika.export("run", "out", quant_type="q8_0")

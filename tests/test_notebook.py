@@ -21,7 +21,9 @@ def test_the_quickstart_notebook_runs_with_a_real_kernel(tmp_path):
         (i,) = [i for i, line in enumerate(lines) if line.startswith(f"{name} = ")]
         lines[i] = f"{name} = {value}"
     params.source = "\n".join(lines)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -14,11 +14,20 @@ files are written as ``kaika`` writes them, so a run trained here is opened by t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kaika.config import DpoConfig, GenerateArgs, PretrainConfig, TrainConfig, config_from
+from kaika.config import (
+    DpoConfig,
+    ExportOptions,
+    GenerateArgs,
+    MergeOptions,
+    PretrainConfig,
+    TrainConfig,
+    config_from,
+    from_dict,
+)
 
 if TYPE_CHECKING:  # the results' types, without importing torch for `import kaika`
     from kaika.inference.export import ExportResult
@@ -93,7 +102,7 @@ class Model:
 
     def generate(
         self, instruction: str, input: str = "", *, stream: bool = False, **sampling: Any
-    ) -> Generation:  # noqa: A002
+    ) -> Generation:
         """One answer. ``sampling``: the options of ``kaika generate`` (``max_new_tokens``,
         ``temperature``, ``top_p``, ``repetition_penalty``, ``seed``…); greedy by default."""
         from kaika.inference.generate import generate
@@ -123,7 +132,7 @@ def load(
     return Model(load_for_inference(run, base_model, base_only, dtype, template))
 
 
-def generate(run: PathLike | Model, instruction: str, input: str = "", **sampling: Any) -> Generation:  # noqa: A002
+def generate(run: PathLike | Model, instruction: str, input: str = "", **sampling: Any) -> Generation:
     """One answer from a run (loaded for this call) or a :class:`Model` (loaded once, faster).
 
     >>> kaika.generate("runs/x", "挨拶してください。").text
@@ -175,7 +184,7 @@ def merge(run: PathLike, out_dir: PathLike, **options: Any) -> MergeResult:
     against the unmerged model, as ``kaika merge`` does (``dtype``, ``max_shard_size``, ``force``)."""
     from kaika.inference.merge import merge as run_merge
 
-    return run_merge(run, out_dir, **options)
+    return run_merge(run, out_dir, **asdict(from_dict(MergeOptions, options, "merge options")))
 
 
 def export(source: PathLike, out_dir: PathLike, **options: Any) -> ExportResult:
@@ -183,4 +192,4 @@ def export(source: PathLike, out_dir: PathLike, **options: Any) -> ExportResult:
     ``force``), read back and checked, as ``kaika export`` does."""
     from kaika.inference.export import export as run_export
 
-    return run_export(source, out_dir, **options)
+    return run_export(source, out_dir, **asdict(from_dict(ExportOptions, options, "export options")))

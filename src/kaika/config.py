@@ -77,7 +77,7 @@ BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
           "ne": ("!=", lambda v, b: v != b)}  # fmt: skip
 
 
-def _check_value(value: Any, f: dataclasses.Field, tp: Any, where: str) -> None:
+def check_value(value: Any, f: dataclasses.Field, tp: Any, where: str) -> None:
     allowed = choices(tp)
     if allowed is not None:
         for v in value if isinstance(value, list) else [value]:
@@ -100,7 +100,7 @@ def check(obj: Any, where: str | None = None) -> None:
         if dataclasses.is_dataclass(value):
             check(value, f"{where}.{f.name}")
         else:
-            _check_value(value, f, hints[f.name], f"{where}.{f.name}")
+            check_value(value, f, hints[f.name], f"{where}.{f.name}")
 
 
 class Checked:
@@ -111,7 +111,7 @@ class Checked:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if not dataclasses.is_dataclass(value):
-                _check_value(value, f, hints[f.name], f"{type(self).__name__}.{f.name}")
+                check_value(value, f, hints[f.name], f"{type(self).__name__}.{f.name}")
 
 
 @dataclass
@@ -269,6 +269,54 @@ class GenerateArgs(Checked):
     num_beams: int = option(1, "Beam search width (1: no beam search).", ge=1)
     seed: int = option(42, "Seed for sampling.", ge=0, lt=2**32)
     batch_size: int = option(8, "Prompts per batch in --file mode.", ge=1)
+
+
+GgufQuant = Literal["f16", "bf16", "q8_0"]  # kaika.modeling.to_gguf.QUANTS (tests/test_config.py: the same)
+MergeDtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ServeOptions(Checked):
+    """kaika serve: where it listens and what a request may ask for."""
+
+    host: str = option("127.0.0.1", "Address to listen on (default: this machine only)")
+    port: int = option(8000, "Port to listen on", ge=1, le=65535)
+    api_key: str | None = option(
+        None, "Require 'Authorization: Bearer KEY' (default: $KAIKA_API_KEY; unset: no auth)"
+    )
+    queue_size: int = option(8, "Requests that may wait while one generates; more get 429", ge=0)
+    max_tokens_limit: int = option(2048, "Largest max_tokens a request may ask for", ge=1)
+    context_length: int | None = option(None, "Bound on prompt + max_tokens (default: from the model)", ge=2)
+    max_body_bytes: int = option(
+        4 * 1024 * 1024, "Larger request bodies get 413 (a 128k-token prompt is about 0.5 MB)", ge=1024
+    )
+    defaults: GenerateArgs = field(default_factory=GenerateArgs)  # for what a request leaves out
+
+
+@dataclass
+class MergeOptions(Checked):
+    """kaika merge: the merged checkpoint's form."""
+
+    base_model: str | None = option(None, "Use this base model instead of the one saved with the adapter")
+    dtype: MergeDtype = option(
+        "float32", "dtype of the written weights; merging itself is always done in float32"
+    )
+    max_shard_size: str = option("2GB", "Split the weights into safetensors files of at most this size")
+    force: bool = option(False, "Replace OUT_DIR if it is not empty (only what kaika wrote)")
+
+
+@dataclass
+class ExportOptions(Checked):
+    """kaika export: the file for llama.cpp and Ollama."""
+
+    format: Literal["gguf"] = option("gguf", "Output format")
+    quant: GgufQuant = option(
+        "f16",
+        "Type of the weight matrices (norms and biases stay float32); q8_0: 8-bit blocks, about half of f16's size",
+    )
+    ollama: bool = option(False, "Also write an Ollama Modelfile (FROM, TEMPLATE, stops)")
+    base_model: str | None = option(None, "Use this base model instead of the one saved with the adapter")
+    force: bool = option(False, "Replace OUT_DIR if it is not empty (only what kaika wrote)")
 
 
 @dataclass
@@ -497,7 +545,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
             kwargs[name] = from_dict(tp, {**base, **(value or {})}, f"{where}.{name}")
         else:
             kwargs[name] = coerce(value, tp, f"{where}.{name}")
-            _check_value(kwargs[name], fields[name], tp, f"{where}.{name}")  # named after its source
+            check_value(kwargs[name], fields[name], tp, f"{where}.{name}")  # named after its source
     return cls(**kwargs)
 
 

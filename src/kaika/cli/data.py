@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kaika.cli.options import add_dataclass_args
+from kaika.cli.options import add_dataclass_args, add_field_arg
 from kaika.config import DataArgs, ModelArgs, coerce, from_dict
 from kaika.data.check import KINDS, CheckOptions, FixOptions, check_files, failing, fix_files, print_report
 from kaika.data.stats import data_stats, print_stats
@@ -27,11 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=d.template,
         help=f"Prompt template for token counts, as in train (default: {d.template})",
     )
-    p.add_argument(
-        "--cutoff-len",
-        type=int,
-        default=d.cutoff_len,
-        help=f"cutoff_len to measure against (default: {d.cutoff_len})",
+    add_field_arg(
+        p, DataArgs, "cutoff_len", f"cutoff_len to measure against (default: {d.cutoff_len})", d.cutoff_len
     )
     p.add_argument("--json", metavar="PATH", help="Also write the report as JSON")
 

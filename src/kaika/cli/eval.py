@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kaika.cli.options import add_generate_args, add_inference_args, generate_args, positive_int
-from kaika.config import coerce
+from kaika.cli.options import (
+    add_field_arg,
+    add_generate_args,
+    add_inference_args,
+    generate_args,
+    positive_int,
+)
+from kaika.config import DataArgs, coerce
 
 MODEL_HELP = (
     "A kaika train output directory (or any PEFT adapter directory); a merged/full model directory, "
@@ -35,7 +41,7 @@ def add_loss(sub) -> None:
     loss.add_argument(
         "--batch-size", type=positive_int, default=4, help="Examples per forward pass (default: 4)"
     )
-    loss.add_argument("--cutoff-len", type=positive_int, help="Override the run's cutoff_len")
+    add_field_arg(loss, DataArgs, "cutoff_len", "Override the run's cutoff_len", None)
     loss.add_argument(
         "--columns", nargs="+", metavar="KEY=VALUE", help="Column mapping, as for kaika train --columns"
     )

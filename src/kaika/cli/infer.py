@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 
-from kaika.cli.options import ADAPTER_HELP, add_generate_args, add_inference_args, generate_args
-from kaika.config import Dtype, choices
+from kaika.cli.options import (
+    ADAPTER_HELP,
+    add_dataclass_args,
+    add_generate_args,
+    add_inference_args,
+    generate_args,
+    options_from,
+)
+from kaika.config import ExportOptions, MergeOptions, ServeOptions
 from kaika.errors import KaikaError
 
 
@@ -50,32 +58,13 @@ def run_generate(ns: argparse.Namespace) -> None:
 def add_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter_dir", help=ADAPTER_HELP)
     p.add_argument("out_dir", help="Where to write the merged model (a standard Hugging Face checkpoint)")
-    p.add_argument("--base-model", help="Use this base model instead of the one saved with the adapter")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=[c for c in choices(Dtype) if c != "auto"],
-        help="dtype of the written weights (default: float32); merging itself is always done in float32",
-    )
-    p.add_argument(
-        "--max-shard-size",
-        default="2GB",
-        help="Split the weights into safetensors files of at most this size",
-    )
-    p.add_argument("--force", action="store_true", help="Replace OUT_DIR if it is not empty")
+    add_dataclass_args(p, MergeOptions)
 
 
 def run_merge(ns: argparse.Namespace) -> None:
     from kaika.api import merge
 
-    r = merge(
-        ns.adapter_dir,
-        ns.out_dir,
-        base_model=ns.base_model,
-        dtype=ns.dtype,
-        max_shard_size=ns.max_shard_size,
-        force=ns.force,
-    )
+    r = merge(ns.adapter_dir, ns.out_dir, **asdict(options_from(MergeOptions, ns)))
     print(
         f"merged model written to {r.out_dir} ({r.dtype}; logits match base + adapter within "
         f"{r.max_abs_diff:.2e}, tolerance {r.tolerance:.1e})"
@@ -88,40 +77,19 @@ def add_export(p: argparse.ArgumentParser) -> None:
         help="A kaika run or PEFT adapter directory (merged first, in float32), or a merged model directory",
     )
     p.add_argument("out_dir", help="Where to write the GGUF file, its model card and (--ollama) a Modelfile")
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="Output format (default: gguf)")
-    p.add_argument(
-        "--quant",
-        default="f16",
-        choices=["f16", "bf16", "q8_0"],
-        help="Type of the weight matrices (norms and biases stay float32); q8_0: 8-bit blocks, about half "
-        "of f16's size (default: f16)",
-    )
-    p.add_argument(
-        "--ollama", action="store_true", help="Also write an Ollama Modelfile (FROM, TEMPLATE, stops)"
-    )
-    p.add_argument("--base-model", help="Use this base model instead of the one saved with the adapter")
-    p.add_argument(
-        "--force", action="store_true", help="Replace OUT_DIR if it is not empty (only one kaika wrote)"
-    )
+    add_dataclass_args(p, ExportOptions)
 
 
 def run_export(ns: argparse.Namespace) -> None:
     from kaika.api import export
 
-    r = export(
-        ns.source,
-        ns.out_dir,
-        fmt=ns.format,
-        quant=ns.quant,
-        base_model=ns.base_model,
-        ollama=ns.ollama,
-        force=ns.force,
-    )
+    options = options_from(ExportOptions, ns)
+    r = export(ns.source, ns.out_dir, **asdict(options))
     print(
         f"GGUF written to {r.gguf_file} ({r.quant}; read back, its logits match the written weights within "
         f"{r.file_diff:.2e}; {r.quant} moves them by {r.quant_diff:.2e} against float32)"
     )
-    if ns.ollama:
+    if options.ollama:
         print(f"Ollama: cd {r.out_dir} && ollama create NAME -f Modelfile")
 
 
@@ -186,33 +154,12 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-name", help="Model name of the base model in requests (default: its directory or hub name)"
     )
-    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="Port to listen on")
-    p.add_argument(
-        "--api-key", help="Require 'Authorization: Bearer KEY' (default: $KAIKA_API_KEY; unset: no auth)"
-    )
-    p.add_argument(
-        "--queue-size", type=int, default=8, help="Requests that may wait while one generates; more get 429"
-    )
-    p.add_argument(
-        "--max-tokens-limit", type=int, default=2048, help="Largest max_tokens a request may ask for"
-    )
-    p.add_argument(
-        "--context-length", type=int, help="Bound on prompt + max_tokens (default: from the model)"
-    )
+    add_dataclass_args(p, ServeOptions)
     add_generate_args(p)  # defaults for what a request leaves out
 
 
 def run_serve(ns: argparse.Namespace) -> None:
-    from kaika.inference.serve import ServeOptions, serve
+    from kaika.inference.serve import serve
 
-    options = ServeOptions(
-        host=ns.host,
-        port=ns.port,
-        api_key=ns.api_key,
-        queue_size=ns.queue_size,
-        max_tokens_limit=ns.max_tokens_limit,
-        context_length=ns.context_length,
-        defaults=generate_args(ns),
-    )
+    options = options_from(ServeOptions, ns, defaults=generate_args(ns))
     serve(ns.adapters, options, ns.base_model, ns.base_name, ns.dtype, ns.template)

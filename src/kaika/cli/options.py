@@ -14,7 +14,17 @@ import dataclasses
 import typing
 from typing import Any
 
-from kaika.config import Dtype, GenerateArgs, choices, flag_of, from_dict, section_defaults
+from kaika.config import (
+    Dtype,
+    GenerateArgs,
+    check_value,
+    choices,
+    coerce,
+    flag_of,
+    from_dict,
+    section_defaults,
+)
+from kaika.errors import KaikaError
 
 ADAPTER_HELP = "Output directory of kaika train (or any PEFT adapter directory)"
 
@@ -24,15 +34,47 @@ def _flags(section: str | None, f: dataclasses.Field) -> list[str]:
     return [short] if section is None else [short, f"--{section}.{f.name}"]
 
 
+def checked_type(cls: type, name: str):
+    """An argparse ``type`` for field ``name`` of dataclass ``cls``: the value converted and checked
+    against the field's choices and bounds, so a command that borrows one field (``--cutoff-len`` of
+    ``eval loss`` and ``data check``) states its limit once, where the field is declared."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    tp = typing.get_type_hints(cls)[name]
+
+    def convert(text: str) -> Any:
+        try:
+            value = coerce(text, tp, name)
+            check_value(value, f, tp, name)
+        except KaikaError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{name}: ")) from None
+        return value
+
+    convert.__name__ = (
+        typing.get_args(tp)[0].__name__ if typing.get_args(tp) else getattr(tp, "__name__", name)
+    )
+    return convert
+
+
+def add_field_arg(
+    parser: argparse.ArgumentParser, cls: type, name: str, help: str, default: Any = argparse.SUPPRESS
+) -> None:
+    """One field of a config dataclass as an option of another command, with that field's check."""
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, type=checked_type(cls, name), default=default,
+                        metavar=name.upper(), help=help)  # fmt: skip
+
+
 def add_dataclass_args(
     parser: argparse.ArgumentParser, cls: type, section: str | None = None, defaults: Any = None
 ) -> None:
     """Add one option per field of ``cls``; unset options stay absent from the namespace.
-    ``defaults``: the section's default object, when it is not ``cls()`` (shown in the help)."""
+    ``defaults``: the section's default object, when it is not ``cls()`` (shown in the help).
+    A field that is itself a dataclass is a section of its own, added by its command."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(section or cls.__name__, (cls.__doc__ or "").strip())
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            continue
         if defaults is not None:
             default = getattr(defaults, f.name)
         else:
@@ -49,6 +91,7 @@ def add_dataclass_args(
             kw["choices"] = choices(tp)
         else:
             kw["metavar"] = f.name.upper()
+            kw["type"] = checked_type(cls, f.name)  # the bounds at parse time: argparse's usage error
         group.add_argument(*_flags(section, f), **kw)
 
 
@@ -57,6 +100,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     defaults = section_defaults(cls)
     for f in dataclasses.fields(cls):
         add_dataclass_args(parser, typing.get_type_hints(cls)[f.name], f.name, defaults.get(f.name))
+
+
+def options_from(cls: type, ns: argparse.Namespace, **sections: Any) -> Any:
+    """Dataclass ``cls`` from the options :func:`add_dataclass_args` added unsectioned (those the user
+    gave; the others keep their defaults), with ``sections`` for its dataclass-typed fields."""
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+    return cls(**given, **sections)
 
 
 def namespace_overrides(ns: argparse.Namespace) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _strftime_now(format):  # noqa: A002 (the name templates call it with)
+def _strftime_now(format):
     return datetime.now().strftime(format)
 
 

@@ -70,7 +70,7 @@ def export(
     source: str | Path,
     out_dir: str | Path,
     *,
-    fmt: str = "gguf",
+    format: str = "gguf",  # the option's name, --format
     quant: str = "f16",
     base_model: str | None = None,
     ollama: bool = False,
@@ -82,8 +82,8 @@ def export(
             f"{out_dir}: kaika export writes a directory (the GGUF file, its Modelfile and model card); give "
             f"one such as {out_dir.with_suffix('')}/ and the file is named after it"
         )
-    if fmt not in FORMATS:
-        raise KaikaError(f"unknown export format {fmt!r}; kaika writes {', '.join(FORMATS)}")
+    if format not in FORMATS:
+        raise KaikaError(f"unknown export format {format!r}; kaika writes {', '.join(FORMATS)}")
     if quant not in QUANTS:
         raise KaikaError(f"unknown GGUF quant {quant!r}; use {', '.join(QUANTS)}")
     run = RunDir.open(source, base_model, adapter=False)

@@ -16,27 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 
-from kaika.config import GenerateArgs
+from kaika.config import ServeOptions, check
 from kaika.errors import KaikaError, require_extra
 from kaika.inference.listen import check_port_free
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "KAIKA_API_KEY"
-
-
-@dataclass
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    queue_size: int = 8  # requests that may wait while one generates; more get 429
-    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
-    context_length: int | None = None  # prompt + max_tokens bound; None: from the model
-    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413 (a 128k-token prompt is ~0.5 MB)
-    defaults: GenerateArgs = field(default_factory=GenerateArgs)  # for what a request leaves out
+__all__ = ["API_KEY_ENV", "ServeOptions", "serve"]  # ServeOptions is declared with the other configs
 
 
 def serve(
@@ -62,12 +50,7 @@ def serve(
             "--api-key: no request could ever match this key (it has leading or trailing spaces, control "
             "or non-ASCII characters, which an Authorization header cannot carry); choose printable ASCII"
         )
-    if options.queue_size < 0:
-        raise KaikaError(f"--queue-size must be 0 or more, got {options.queue_size}")
-    if options.max_tokens_limit < 1:
-        raise KaikaError(f"--max-tokens-limit must be at least 1, got {options.max_tokens_limit}")
-    if options.context_length is not None and options.context_length < 2:
-        raise KaikaError(f"--context-length must be at least 2, got {options.context_length}")
+    check(options)  # the bounds of ServeOptions again: fields may be assigned after it was built
     if options.defaults.num_beams != 1:
         raise KaikaError(
             "serve streams and samples token by token; beam search is not offered (--num-beams 1)"
