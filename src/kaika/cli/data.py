@@ -5,9 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from kaika.cli.options import add_dataclass_args, add_field_arg
+from kaika.cli.options import add_dataclass_args, add_field_arg, options_from
 from kaika.config import DataArgs, ModelArgs, coerce, from_dict
-from kaika.data.check import KINDS, CheckOptions, FixOptions, check_files, failing, fix_files, print_report
+from kaika.data.check import (
+    KINDS,
+    CheckCommand,
+    CheckOptions,
+    FixOptions,
+    check_files,
+    failing,
+    fix_files,
+    print_report,
+)
 from kaika.data.stats import data_stats, print_stats
 
 
@@ -49,38 +58,11 @@ def add_data(p: argparse.ArgumentParser) -> None:
         epilog=f"kinds (severity):\n{kinds}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(c)
-    c.add_argument(
-        "--model", help="Tokenizer (model id, dir, .gguf or builtin) to count examples over --cutoff-len"
-    )
-    c.add_argument(
-        "--lang",
-        default="auto",
-        choices=("auto", "ja", "other"),
-        help="Run the Japanese checks (default: auto, per file)",
-    )
-    c.add_argument(
-        "--english-ratio",
-        type=float,
-        default=0.5,
-        help="residual_english: Latin share of letters (default: 0.5)",
-    )
-    c.add_argument(
-        "--fail-on",
-        default="error",
-        help="Exit 1 on findings at or above a severity (info, warning, error), or of a comma list of kinds; "
-        "'never' always exits 0 (default: error)",
-    )
-    c.add_argument("--show", type=int, default=3, help="Examples printed per kind (default: 3)")
-    c.add_argument(
-        "--fix",
-        action="store_true",
-        help="Write NAME.fixed.jsonl + NAME.fixes.jsonl (log) with the safe fixes",
-    )
-    c.add_argument("--nfkc", default="none", choices=("none", "width", "full"),
-                   help="With --fix: NFKC on half-width kana / full-width Latin only (width), or everything (full)")  # fmt: skip
-    c.add_argument("--out-dir", help="Where --fix writes (default: next to each input)")
-    c.add_argument("--overwrite", action="store_true", help="Let --fix replace earlier .fixed/.fixes files")
+    c.add_argument("files", nargs="+", metavar="FILE", help="Data files: Alpaca, conversations or preference "
+                   "pairs, JSON/JSONL (or dataset dirs)")  # fmt: skip
+    add_dataclass_args(c, CheckOptions)
+    add_dataclass_args(c, CheckCommand)
+    add_dataclass_args(c, FixOptions)
     c.set_defaults(data_run=run_check)
     s = sub.add_parser(
         "stats",
@@ -130,17 +112,17 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def run_check(ns: argparse.Namespace) -> int:
-    opts = CheckOptions(ns.lang, ns.english_ratio, columns=_columns(ns.columns), model=ns.model,
-                        template=ns.template, cutoff_len=ns.cutoff_len)  # fmt: skip
+    opts, cmd = options_from(CheckOptions, ns), options_from(CheckCommand, ns)
     report = check_files(ns.files, opts)
-    bad = failing(report, ns.fail_on)  # checks --fail-on before anything is written
-    print_report(report, ns.show)
-    _write_json(ns.json, report.to_json())
-    if ns.fix:
-        for fixed, log, n in fix_files(ns.files, ns.out_dir, opts, FixOptions(nfkc=ns.nfkc), ns.overwrite):
+    bad = failing(report, cmd.fail_on)  # checks --fail-on before anything is written
+    print_report(report, cmd.show)
+    _write_json(cmd.json, report.to_json())
+    if cmd.fix:
+        fixes = options_from(FixOptions, ns)
+        for fixed, log, n in fix_files(ns.files, cmd.out_dir, opts, fixes, cmd.overwrite):
             print(f"\nfixed: {n} field(s) changed; wrote {fixed} and the log {log}")
     if bad:
-        print(f"\nFAIL: {len(bad):,} finding(s) match --fail-on {ns.fail_on}")
+        print(f"\nFAIL: {len(bad):,} finding(s) match --fail-on {cmd.fail_on}")
         return 1
     return 0
 

@@ -106,7 +106,8 @@ def options_from(cls: type, ns: argparse.Namespace, **sections: Any) -> Any:
     """Dataclass ``cls`` from the options :func:`add_dataclass_args` added unsectioned (those the user
     gave; the others keep their defaults), with ``sections`` for its dataclass-typed fields."""
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
-    return cls(**given, **sections)
+    built = from_dict(cls, given, "options")  # converted (KEY=VALUE lists to mappings) and checked
+    return dataclasses.replace(built, **sections) if sections else built
 
 
 def namespace_overrides(ns: argparse.Namespace) -> dict[str, Any]:

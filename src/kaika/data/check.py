@@ -42,10 +42,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kaika.atomic import written_files
-from kaika.config import DataArgs
+from kaika.config import Checked, DataArgs, check, option
 from kaika.data.preference import normalise_pair
 from kaika.data.records import (
     CHARS_PER_TOKEN_CAP,
@@ -107,16 +107,39 @@ _PUNCT_SPACE = re.compile(r"[\s\W_]+")
 
 
 @dataclass
-class CheckOptions:
-    """What ``check_files`` looks for."""
+class CheckOptions(Checked):
+    """What data check looks for."""
 
-    lang: str = "auto"  # ja: run the Japanese checks; other: skip them; auto: per file, by its text
-    english_ratio: float = 0.5  # residual_english: share of Latin among Latin + Japanese letters
-    english_min_letters: int = 20  # ... and at least this many Latin letters
-    columns: dict[str, str] = field(default_factory=dict)
-    model: str | None = None  # tokenizer for too_long
-    template: str = DataArgs().template  # as kaika train would encode the examples
-    cutoff_len: int = DataArgs().cutoff_len
+    lang: Literal["auto", "ja", "other"] = option(
+        "auto", "Run the Japanese checks: ja, other (skip them), auto (per file, by its text)"
+    )
+    english_ratio: float = option(
+        0.5, "residual_english: the share of Latin among Latin + Japanese letters", ge=0.0, le=1.0
+    )
+    english_min_letters: int = option(20, "residual_english: ... and at least this many Latin letters", ge=1)
+    columns: dict[str, str] = option({}, "Column mapping, as in train (KEY=VALUE)")
+    model: str | None = option(
+        None, "Tokenizer (model id, dir, .gguf or builtin) to render the records as training does and count "
+        "those over --cutoff-len",
+    )  # fmt: skip
+    template: str = option(DataArgs().template, "Prompt template for the token counts, as in train")
+    cutoff_len: int = option(DataArgs().cutoff_len, "cutoff_len to measure against, as in train", ge=2)
+
+
+@dataclass
+class CheckCommand(Checked):
+    """What data check does with its report."""
+
+    json: str | None = option(None, "Also write the report as JSON to this path")
+    fail_on: str = option(
+        "error",
+        "Exit 1 on findings at or above a severity (info, warning, error), or of a comma list of kinds; "
+        "'never' always exits 0",
+    )
+    show: int = option(3, "Examples printed per kind", ge=0)
+    fix: bool = option(False, "Write NAME.fixed.jsonl + NAME.fixes.jsonl (log) with the safe fixes")
+    out_dir: str | None = option(None, "Where --fix writes (default: next to each input)")
+    overwrite: bool = option(False, "Let --fix replace earlier .fixed/.fixes files")
 
 
 @dataclass
@@ -624,8 +647,7 @@ def check_token_lengths(recs: list[Rec], opts: CheckOptions, report: CheckReport
 def check_files(sources: list[str], opts: CheckOptions | None = None) -> CheckReport:
     """Run every check on every record of ``sources``; nothing is modified."""
     opts = opts or CheckOptions()
-    if opts.lang not in ("auto", "ja", "other"):
-        raise KaikaError(f"--lang must be auto, ja or other, got {opts.lang!r}")
+    check(opts)  # its choices and bounds again: the fields may have been assigned after it was built
     if not sources:
         raise KaikaError("give at least one data file")
     report = CheckReport(list(sources))
@@ -654,11 +676,15 @@ def check_files(sources: list[str], opts: CheckOptions | None = None) -> CheckRe
 
 
 @dataclass
-class FixOptions:
-    brackets: bool = True  # mixed-width closers; lost openers where another field shows the place
-    whitespace: bool = True  # strip leading/trailing whitespace
-    invisible: bool = True  # drop zero-width characters and BOMs
-    nfkc: str = "none"  # none | width (half-width kana, full-width Latin/digits only) | full
+class FixOptions(Checked):
+    """What --fix changes (unambiguous, mechanical fixes only)."""
+
+    brackets: bool = option(True, "Mixed-width closers; lost openers where another field shows the place")
+    whitespace: bool = option(True, "Strip leading and trailing whitespace")
+    invisible: bool = option(True, "Drop zero-width characters and BOMs")
+    nfkc: Literal["none", "width", "full"] = option(
+        "none", "NFKC on half-width kana and full-width Latin/digits only (width), or on everything (full)"
+    )
 
 
 def fix_text(text: str, others: list[str], japanese: bool, fx: FixOptions) -> tuple[str, list[str]]:
