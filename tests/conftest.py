@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# No hub at run time. Set before any test module is collected: huggingface_hub reads these once, when it
+# is first imported (a test module importing transformers at its top would otherwise fix them unset,
+# and a hub id that does not exist would be tried over the network until it times out).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def pytest_addoption(parser):
@@ -31,8 +36,6 @@ def pytest_collection_modifyitems(config, items):
 def _kaika_cache(tmp_path_factory):
     """Builtin models are built into a per-session cache, never the user's."""
     os.environ.setdefault("KAIKA_CACHE", str(tmp_path_factory.mktemp("kaika-cache")))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,13 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import pytest
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart_ja.ipynb"
 TINY = {"BASE_MODEL": '"tiny-bloom-ja"', "MAX_STEPS": "4"}
 
 
+@pytest.mark.slow  # a kernel, a training run and a GGUF export: about 25 s with native bf16
 def test_the_quickstart_notebook_runs_with_a_real_kernel(tmp_path):
     import nbformat
     from nbclient import NotebookClient
