@@ -587,7 +587,7 @@ def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 # Sections whose options carry a prefix on the command line (lora.r is --lora-r), so that the flags
 # users know from other tools keep their meaning (a bare --r or --dropout would be ambiguous).
-FLAG_PREFIX = {"lora": "lora-"}
+FLAG_PREFIX = {"lora": "lora-", "judge": "judge-"}
 
 
 def flag_of(section: str | None, f: dataclasses.Field) -> str:

@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 
 from kaika.cli.options import (
+    add_dataclass_args,
     add_field_arg,
     add_generate_args,
     add_inference_args,
     generate_args,
+    namespace_overrides,
     positive_int,
 )
-from kaika.config import DataArgs, coerce
+from kaika.config import DataArgs, coerce, from_dict
 
 MODEL_HELP = (
     "A kaika train output directory (or any PEFT adapter directory); a merged/full model directory, "
@@ -84,20 +86,17 @@ def add_generate(sub) -> None:
 
 
 def add_judge_args(gen: argparse.ArgumentParser) -> None:
-    judge = gen.add_argument_group("judge", "LLM-as-judge through an OpenAI-compatible chat API")
-    judge.add_argument(
-        "--judge", metavar="URL", help="Base URL of the judge API, e.g. http://127.0.0.1:8000/v1"
-    )
-    judge.add_argument("--judge-model", default="judge", help="Model name sent to the judge API")
-    judge.add_argument(
-        "--judge-api-key", help="API key (default: $KAIKA_JUDGE_API_KEY, else $OPENAI_API_KEY, else none)"
-    )
-    judge.add_argument(
-        "--judge-concurrency", type=positive_int, default=4, help="Parallel judge requests (default: 4)"
-    )
-    judge.add_argument(
-        "--judge-max-tokens", type=positive_int, default=512, help="Tokens per judgment (default: 512)"
-    )
+    from kaika.eval.judge import JudgeSettings
+
+    add_dataclass_args(gen, JudgeSettings, "judge")
+
+
+def judge_settings(ns: argparse.Namespace):
+    """The judge the options ask for (checked), or None without --judge."""
+    from kaika.eval.judge import JudgeSettings
+
+    given = namespace_overrides(ns).get("judge", {})
+    return from_dict(JudgeSettings, given, "judge options") if given.get("url") else None
 
 
 def add_compare(sub) -> None:
@@ -134,22 +133,13 @@ def run_loss(ns: argparse.Namespace) -> None:
 
 def run_generate(ns: argparse.Namespace) -> None:
     from kaika.eval.answers import SUMMARY_MD, eval_generate, side_by_side
-    from kaika.eval.judge import JudgeSettings
 
     args = generate_args(ns)
     out = ns.output_dir
     if out is None:
         stem = Path(ns.tasks).stem
         out = Path(ns.model) / "eval" / stem if Path(ns.model).is_dir() else Path("kaika-eval") / stem
-    judge = None
-    if ns.judge:
-        judge = JudgeSettings(
-            ns.judge,
-            ns.judge_model,
-            ns.judge_api_key,
-            max_tokens=ns.judge_max_tokens,
-            concurrency=ns.judge_concurrency,
-        )
+    judge = judge_settings(ns)
     eval_generate(
         ns.model,
         ns.tasks,

@@ -94,15 +94,11 @@ def add_pairs_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_pairs(ns: argparse.Namespace) -> None:
+    from kaika.cli.eval import judge_settings
     from kaika.cli.options import generate_args
-    from kaika.eval.judge import JudgeSettings
     from kaika.eval.pairs import make_pairs
 
-    judge = None
-    if ns.judge:
-        judge = JudgeSettings(
-            ns.judge, ns.judge_model, ns.judge_api_key, ns.judge_max_tokens, ns.judge_concurrency
-        )
+    judge = judge_settings(ns)
     report = make_pairs(
         ns.run_dir,
         ns.tasks,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kaika.config import Checked, option
 from kaika.errors import KaikaError, require_extra
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,22 @@ def build_prompt(row: dict[str, Any]) -> str:
 
 
 @dataclass
-class JudgeSettings:
-    url: str  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1
-    model: str = "judge"
-    api_key: str | None = None
-    max_tokens: int = 512
-    concurrency: int = 4
-    timeout: float = 120.0
+class JudgeSettings(Checked):
+    """LLM-as-judge through an OpenAI-compatible chat API."""
+
+    url: str | None = option(
+        None, "Base URL of the judge API, e.g. http://127.0.0.1:8000/v1 (unset: no judge)", flag="--judge"
+    )
+    model: str = option("judge", "Model name sent to the judge API")
+    api_key: str | None = option(
+        None, "API key (default: $KAIKA_JUDGE_API_KEY, else $OPENAI_API_KEY, else none)"
+    )
+    max_tokens: int = option(512, "Tokens per judgment", ge=1)
+    concurrency: int = option(4, "Parallel judge requests", ge=1)
+    timeout: float = option(120.0, "Seconds a judge request may take", gt=0)
 
     def check(self) -> None:
-        if not re.match(r"^https?://", self.url):
+        if not re.match(r"^https?://", self.url or ""):
             raise KaikaError(
                 f"--judge {self.url!r}: give the base URL of an OpenAI-compatible API, "
                 "e.g. http://127.0.0.1:8000/v1"
