@@ -91,3 +91,40 @@ def test_the_readme_snippet_trains_loads_and_generates(tmp_path, monkeypatch, ca
         for g in model.generate_batch([{"instruction": "a"}, {"instruction": "b"}], max_new_tokens=3)
     ]
     assert kaika.generate(model, "a", max_new_tokens=3).text == model.generate("a", max_new_tokens=3).text
+
+
+def test_every_verb_returns_its_result(tmp_path, monkeypatch):
+    """The verbs past train/load/generate, on one tiny run: evaluation, held-out loss, merge (checked
+    against the unmerged model), and the run the Python API made is the CLI's."""
+    monkeypatch.chdir(tmp_path)
+    run = kaika.train(base_model="tiny-bloom-ja", data="seed-tasks-ja", output_dir="runs/v", max_steps=2)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(
+        '{"instruction": "挨拶して", "output": "こんにちは。"}\n{"instruction": "数えて", "output": "一、二、三。"}\n',
+        encoding="utf-8",
+    )
+    losses = kaika.eval_loss(run.output_dir, heldout, batch_size=2)
+    assert set(losses) == {"base", "adapter"} and all(r.tokens > 0 and r.loss > 0 for r in losses.values())
+    summary = kaika.evaluate(run.output_dir, "seed-tasks-ja", limit=2, max_new_tokens=4)
+    assert set(summary["models"]) == {"base", "adapter"} and summary["tasks"] == 2
+    assert (tmp_path / "runs" / "v" / "eval" / "seed-tasks-ja" / "summary.json").is_file()
+    merged = kaika.merge(run.output_dir, "merged", dtype="float32")
+    assert merged.max_abs_diff <= merged.tolerance and "config.json" in merged.files
+    with pytest.raises(KaikaError, match="unknown key"):
+        kaika.merge(run.output_dir, "merged2", dtype_of_weights="float16")
+
+
+@pytest.mark.slow  # two more training runs: about 30 s
+def test_pretrain_and_dpo_from_python(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text(
+        "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。\n" * 40, encoding="utf-8"
+    )
+    pre = kaika.pretrain(
+        base_model="tiny-bloom-ja", data=str(text), output_dir="runs/pt", max_steps=2, cutoff_len=64
+    )
+    assert pre.global_step == 2 and pre.tokens_seen > 0
+    sft = kaika.train(base_model="tiny-bloom-ja", data="seed-tasks-ja", output_dir="runs/sft", max_steps=2)
+    pref = kaika.dpo(from_run=sft.output_dir, data="seed-prefs-ja", output_dir="runs/dpo", max_steps=2)
+    assert pref.global_step == 2 and (tmp_path / "runs" / "dpo" / "adapter_model.safetensors").is_file()
