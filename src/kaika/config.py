@@ -49,11 +49,22 @@ PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 
 
-def option(default: Any, help: str, flag: str | None = None, **bounds: float) -> Any:
+def option(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    *,
+    aliases: tuple[str, ...] = (),
+    metavar: str | None = None,
+    required: bool = False,
+    **bounds: float,
+) -> Any:
     """A config field: its default, its one-line help, and optional bounds checked when the config
     is built: ``ge``/``gt`` (at least / more than), ``le``/``lt`` (at most / less than), ``ne`` (not).
-    ``flag`` names its command-line option when the field's name cannot (``--from``)."""
-    meta = {"help": help, **bounds, **({"flag": flag} if flag else {})}
+    ``flag`` names its command-line option when the field's name cannot (``--from``), ``aliases`` adds
+    others (``-o``); ``required``: the command cannot run without it."""
+    extra = {"flag": flag, "aliases": aliases, "metavar": metavar, "required": required}
+    meta = {"help": help, **bounds, **{k: v for k, v in extra.items() if v}}
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -279,6 +290,9 @@ MergeDtype = Literal["float32", "bfloat16", "float16"]
 class ServeOptions(Checked):
     """kaika serve: where it listens and what a request may ask for."""
 
+    base_name: str | None = option(
+        None, "Model name of the base model in requests (default: its directory or hub name)"
+    )
     host: str = option("127.0.0.1", "Address to listen on (default: this machine only)")
     port: int = option(8000, "Port to listen on", ge=1, le=65535)
     api_key: str | None = option(
@@ -317,6 +331,132 @@ class ExportOptions(Checked):
     ollama: bool = option(False, "Also write an Ollama Modelfile (FROM, TEMPLATE, stops)")
     base_model: str | None = option(None, "Use this base model instead of the one saved with the adapter")
     force: bool = option(False, "Replace OUT_DIR if it is not empty (only what kaika wrote)")
+
+
+# --------------------------------------------------------------------------- the other commands' options
+# Each command's options, declared once: the generator of kaika.cli.options makes the flags (with
+# these names, helps, choices and bounds), and a value is checked when it is parsed.
+
+
+@dataclass
+class InferenceArgs(Checked):
+    """What overrides a run directory's saved choices."""
+
+    base_model: str | None = option(None, "Use this base model instead of the one saved with the adapter")
+    dtype: Dtype | None = option(None, "Override the dtype saved with the adapter")
+    template: str | None = option(
+        None,
+        "Prompt template: alpaca_ja, alpaca, chat (the model's chat template), a JSON or .jinja path; "
+        "default: the one saved with the run",
+    )
+
+
+@dataclass
+class GenerateOptions(Checked):
+    """kaika generate: one instruction, or a file of them"""
+
+    input: str = option("", "Optional input / context (入力)")
+    file: str | None = option(None, "JSONL of {instruction, input?} records to answer in batches")
+    output: str | None = option(None, "Where --file mode writes its answers (JSONL); default: stdout")
+    base_only: bool = option(False, "Generate with the base model alone, to compare")
+    stream: bool | None = option(None, "Print tokens as they come (default: when writing to a terminal)")
+
+
+@dataclass
+class ChatOptions(Checked):
+    """kaika chat"""
+
+    system: str = option("", "Context given with every turn (the template's input / 入力)")
+
+
+@dataclass
+class WebuiOptions(Checked):
+    """kaika webui: where the page listens."""
+
+    host: str = option("127.0.0.1", "Address to listen on (default: this machine only)")
+    port: int = option(7860, "Port to listen on", ge=1, le=65535)
+    lang: Literal["en", "ja"] = option("en", "Language of the page")
+
+
+@dataclass
+class EvalLossOptions(Checked):
+    """kaika eval loss"""
+
+    data: str = option(None, "Held-out instruction data (Alpaca JSON/JSONL, dataset)", required=True)
+    json_path: str | None = option(None, "Also write the results as JSON to this file", flag="--json")
+    batch_size: int = option(4, "Examples per forward pass", ge=1)
+    columns: dict[str, str] = option({}, "Column mapping, as for kaika train --columns")
+
+
+@dataclass
+class EvalGenerateOptions(Checked):
+    """kaika eval generate"""
+
+    tasks: str = option(
+        None,
+        "Tasks: Alpaca JSON/JSONL (output = reference) or ELYZA-tasks-100 CSV/JSONL (input, output, "
+        "eval_aspect), or a builtin (elyza-tasks-100, seed-tasks-ja)",
+        required=True,
+    )
+    output_dir: str | None = option(
+        None, "Where answers and summary go (default: ADAPTER/eval/<tasks file name>)"
+    )
+    base_also: bool = option(True, "Also answer with the base model (adapter switched off) to compare")
+    limit: int | None = option(None, "Only the first N tasks", ge=1)
+    show: int = option(0, "Print the first N answers side by side", ge=0, metavar="N")
+
+
+@dataclass
+class PairsOptions(Checked):
+    """kaika dpo pairs: preference pairs from a run's own sampled answers."""
+
+    tasks: str = option(
+        None,
+        "Tasks with reference answers: Alpaca (instruction, input, output) or ELYZA (input, output) "
+        "JSON/JSONL/CSV, or a builtin (seed-tasks-ja, elyza-tasks-100: keep evaluation tasks out of training)",
+        required=True,
+    )
+    output: str = option(None, "The pairs file to write (JSONL)", aliases=("-o",), required=True)
+    samples: int = option(4, "Answers sampled per task", ge=1)
+    score: Literal["metrics", "judge"] = option(
+        "metrics",
+        "metrics: stopped, then chrF against the reference, then less repetition; judge: the LLM judge's "
+        "1-5 score",
+    )
+    chosen: Literal["best", "reference"] = option(
+        "best", "best: the best-scored answer; reference: the task's reference answer"
+    )
+    limit: int | None = option(None, "Only the first N tasks", ge=1)
+
+
+@dataclass
+class CompareOptions(Checked):
+    """kaika eval compare"""
+
+    output_dir: str = option("kaika-compare", "Where the report goes")
+
+
+@dataclass
+class ConvertOptions(Checked):
+    """kaika data convert"""
+
+    to: Literal["messages", "sharegpt", "alpaca"] = option(None, "The format to write", required=True)
+    output: str = option(None, "The JSON Lines file to write", aliases=("-o",), required=True)
+    columns: dict[str, str] = option({}, "Column mapping, as in train")
+    strict: bool = option(False, "--to alpaca: refuse if any conversation has no Alpaca form")
+    overwrite: bool = option(False, "Replace an existing output file")
+
+
+@dataclass
+class StatsOptions(Checked):
+    """kaika data stats"""
+
+    columns: dict[str, str] = option({}, "Column mapping, as in train")
+    template: str = option(DataArgs().template, "Prompt template for token counts, as in train")
+    cutoff_len: int = option(DataArgs().cutoff_len, "cutoff_len to measure against, as in train", ge=2)
+    json: str | None = option(None, "Also write the report as JSON to this path")
+    model: list[str] = option([ModelArgs().base_model], "Tokenizers to compare", metavar="MODEL")
+    plot: str | None = option(None, "Write a histogram of example lengths in tokens", metavar="PNG")
 
 
 @dataclass

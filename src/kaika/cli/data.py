@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kaika.cli.options import add_dataclass_args, add_field_arg, options_from
-from kaika.config import DataArgs, ModelArgs, coerce, from_dict
+from kaika.cli.options import add_dataclass_args, options_from
+from kaika.config import ConvertOptions, StatsOptions, coerce, from_dict
 from kaika.data.check import (
     KINDS,
     CheckCommand,
@@ -18,28 +18,6 @@ from kaika.data.check import (
     print_report,
 )
 from kaika.data.stats import data_stats, print_stats
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "files",
-        nargs="+",
-        metavar="FILE",
-        help="Data files: Alpaca or conversations, JSON/JSONL (or dataset dirs)",
-    )
-    p.add_argument(
-        "--columns", nargs="+", metavar="KEY=VALUE", default=[], help="Column mapping, as in train"
-    )
-    d = DataArgs()  # measured as kaika train would encode the examples by default
-    p.add_argument(
-        "--template",
-        default=d.template,
-        help=f"Prompt template for token counts, as in train (default: {d.template})",
-    )
-    add_field_arg(
-        p, DataArgs, "cutoff_len", f"cutoff_len to measure against (default: {d.cutoff_len})", d.cutoff_len
-    )
-    p.add_argument("--json", metavar="PATH", help="Also write the report as JSON")
 
 
 def _columns(values: list[str]) -> dict[str, str]:
@@ -69,15 +47,13 @@ def add_data(p: argparse.ArgumentParser) -> None:
         help="Lengths in characters and tokens; the cutoff_len that fits",
         description=data_stats.__doc__,
     )
-    _common(s)
-    default_model = ModelArgs().base_model
     s.add_argument(
-        "--model",
+        "files",
         nargs="+",
-        default=[default_model],
-        help=f"Tokenizers to compare (default: {default_model})",
+        metavar="FILE",
+        help="Data files: Alpaca or conversations, JSON/JSONL (or dataset dirs)",
     )
-    s.add_argument("--plot", metavar="PNG", help="Write a histogram of example lengths in tokens")
+    add_dataclass_args(s, StatsOptions, keep_defaults=True)
     s.set_defaults(data_run=run_stats)
     from kaika.data import convert
 
@@ -90,17 +66,7 @@ def add_data(p: argparse.ArgumentParser) -> None:
     v.add_argument(
         "files", nargs="+", metavar="FILE", help="Data files (or dataset dirs), any mix of formats"
     )
-    v.add_argument(
-        "--to", required=True, choices=("messages", "sharegpt", "alpaca"), help="The format to write"
-    )
-    v.add_argument("-o", "--output", required=True, help="The JSON Lines file to write")
-    v.add_argument(
-        "--columns", nargs="+", metavar="KEY=VALUE", default=[], help="Column mapping, as in train"
-    )
-    v.add_argument(
-        "--strict", action="store_true", help="--to alpaca: refuse if any conversation has no Alpaca form"
-    )
-    v.add_argument("--overwrite", action="store_true", help="Replace an existing output file")
+    add_dataclass_args(v, ConvertOptions, keep_defaults=True)
     v.set_defaults(data_run=run_convert)
 
 

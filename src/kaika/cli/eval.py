@@ -12,9 +12,8 @@ from kaika.cli.options import (
     add_inference_args,
     generate_args,
     namespace_overrides,
-    positive_int,
 )
-from kaika.config import DataArgs, coerce, from_dict
+from kaika.config import CompareOptions, DataArgs, EvalGenerateOptions, EvalLossOptions, coerce, from_dict
 
 MODEL_HELP = (
     "A kaika train output directory (or any PEFT adapter directory); a merged/full model directory, "
@@ -38,15 +37,8 @@ def add_loss(sub) -> None:
         "summed over all supervised tokens and divided by their count (independent of batch size).",
     )
     loss.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
-    loss.add_argument("--data", required=True, help="Held-out instruction data (Alpaca JSON/JSONL, dataset)")
-    loss.add_argument("--json", dest="json_path", help="Also write the results as JSON to this file")
-    loss.add_argument(
-        "--batch-size", type=positive_int, default=4, help="Examples per forward pass (default: 4)"
-    )
+    add_dataclass_args(loss, EvalLossOptions, keep_defaults=True)
     add_field_arg(loss, DataArgs, "cutoff_len", "Override the run's cutoff_len", None)
-    loss.add_argument(
-        "--columns", nargs="+", metavar="KEY=VALUE", help="Column mapping, as for kaika train --columns"
-    )
     add_inference_args(loss, template=True)
     loss.set_defaults(eval_run=run_loss)
 
@@ -60,25 +52,7 @@ def add_generate(sub) -> None:
         "repetition rate, Japanese-character ratio, length ratio; optionally an LLM judge (1–5).",
     )
     gen.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
-    gen.add_argument(
-        "--tasks",
-        required=True,
-        help="Tasks: Alpaca JSON/JSONL (output = reference) or ELYZA-tasks-100 CSV/JSONL "
-        "(input, output, eval_aspect)",
-    )
-    gen.add_argument(
-        "--output-dir", help="Where answers and summary go (default: ADAPTER/eval/<tasks file name>)"
-    )
-    gen.add_argument(
-        "--base-also",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Also answer with the base model (adapter switched off) to compare (default: yes)",
-    )
-    gen.add_argument("--limit", type=positive_int, help="Only the first N tasks")
-    gen.add_argument(
-        "--show", type=int, default=0, metavar="N", help="Print the first N answers side by side"
-    )
+    add_dataclass_args(gen, EvalGenerateOptions, keep_defaults=True)
     add_inference_args(gen, template=True)
     add_judge_args(gen)
     add_generate_args(gen)
@@ -107,16 +81,14 @@ def add_compare(sub) -> None:
         "deltas from each run's eval/*/summary.json (written by kaika eval generate).",
     )
     cmp.add_argument("runs", nargs="+", metavar="RUN", help="Run directories (the first is the baseline)")
-    cmp.add_argument(
-        "--output-dir", default="kaika-compare", help="Where the report goes (default: kaika-compare)"
-    )
+    add_dataclass_args(cmp, CompareOptions, keep_defaults=True)
     cmp.set_defaults(eval_run=run_compare)
 
 
 def run_loss(ns: argparse.Namespace) -> None:
     from kaika.eval.loss import eval_loss, format_loss_table
 
-    columns = coerce(ns.columns, dict[str, str], "--columns") if ns.columns else None
+    columns = coerce(ns.columns, dict[str, str], "--columns") or None
     results = eval_loss(
         ns.model,
         ns.data,

@@ -14,23 +14,14 @@ from kaika.cli.options import (
     generate_args,
     options_from,
 )
-from kaika.config import ExportOptions, MergeOptions, ServeOptions
+from kaika.config import ChatOptions, ExportOptions, GenerateOptions, MergeOptions, ServeOptions, WebuiOptions
 from kaika.errors import KaikaError
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter_dir", help=ADAPTER_HELP)
     p.add_argument("instruction", nargs="?", help="The instruction (指示)")
-    p.add_argument("--input", default="", help="Optional input / context (入力)")
-    p.add_argument("--file", help="JSONL of {instruction, input?} records to answer in batches")
-    p.add_argument("--output", help="Where --file mode writes its answers (JSONL); default: stdout")
-    p.add_argument("--base-only", action="store_true", help="Generate with the base model alone, to compare")
-    p.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Print tokens as they come (default: when writing to a terminal)",
-    )
+    add_dataclass_args(p, GenerateOptions, keep_defaults=True)
     add_inference_args(p, template=True)
     add_generate_args(p)
 
@@ -95,7 +86,7 @@ def run_export(ns: argparse.Namespace) -> None:
 
 def add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter_dir", help=ADAPTER_HELP)
-    p.add_argument("--system", default="", help="Context given with every turn (the template's input / 入力)")
+    add_dataclass_args(p, ChatOptions, keep_defaults=True)
     add_inference_args(p, template=True)
     add_generate_args(p)
 
@@ -115,9 +106,7 @@ def run_chat(ns: argparse.Namespace) -> None:
 
 def add_webui(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter_dir", help=ADAPTER_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="Port to listen on")
-    p.add_argument("--lang", choices=("en", "ja"), default="en", help="Language of the page (en, ja)")
+    add_dataclass_args(p, WebuiOptions, keep_defaults=True)
     add_inference_args(p, template=True)
     add_generate_args(p)  # the controls' initial values
 
@@ -143,17 +132,10 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="[NAME=]ADAPTER_DIR",
         help="Adapters to serve over one base model; a request's model field picks one by NAME "
-        "(default: the directory's name). The base model is served too, under its own name.",
+        "(default: the directory's name). The base model is served too, under its own name; with no "
+        "adapter, --base-model alone is served (a merged model directory, say).",
     )
-    add_inference_args(
-        p,
-        template=True,
-        base_help="Base model (default: the one saved with the adapters); "
-        "alone, without adapters, it serves e.g. a merged model directory",
-    )
-    p.add_argument(
-        "--base-name", help="Model name of the base model in requests (default: its directory or hub name)"
-    )
+    add_inference_args(p, template=True)
     add_dataclass_args(p, ServeOptions)
     add_generate_args(p)  # defaults for what a request leaves out
 
@@ -162,4 +144,4 @@ def run_serve(ns: argparse.Namespace) -> None:
     from kaika.inference.serve import serve
 
     options = options_from(ServeOptions, ns, defaults=generate_args(ns))
-    serve(ns.adapters, options, ns.base_model, ns.base_name, ns.dtype, ns.template)
+    serve(ns.adapters, options, ns.base_model, options.base_name, ns.dtype, ns.template)

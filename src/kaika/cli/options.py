@@ -15,8 +15,8 @@ import typing
 from typing import Any
 
 from kaika.config import (
-    Dtype,
     GenerateArgs,
+    InferenceArgs,
     check_value,
     choices,
     coerce,
@@ -64,13 +64,21 @@ def add_field_arg(
 
 
 def add_dataclass_args(
-    parser: argparse.ArgumentParser, cls: type, section: str | None = None, defaults: Any = None
+    parser: argparse.ArgumentParser,
+    cls: type,
+    section: str | None = None,
+    defaults: Any = None,
+    keep_defaults: bool = False,
+    skip: tuple[str, ...] = (),
 ) -> None:
-    """Add one option per field of ``cls``; unset options stay absent from the namespace.
-    ``defaults``: the section's default object, when it is not ``cls()`` (shown in the help).
-    A field that is itself a dataclass is a section of its own, added by its command."""
+    """Add one option per field of ``cls``; unset options stay absent from the namespace (a YAML
+    file's values are not overridden), or, with ``keep_defaults``, hold the field's default (a
+    command's own options, which no file sets). ``defaults``: the section's default object, when it is
+    not ``cls()`` (shown in the help). A field that is itself a dataclass is a section of its own,
+    added by its command."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(section or cls.__name__, (cls.__doc__ or "").strip())
+    doc = (cls.__doc__ or cls.__name__).strip()
+    group = parser.add_argument_group(section, doc) if section else parser.add_argument_group(doc)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
@@ -79,20 +87,29 @@ def add_dataclass_args(
             default = getattr(defaults, f.name)
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        required = bool(f.metadata.get("required"))
+        shown = "" if required or default in (None, "", [], {}) else f" (default: {default!r})"
+        help_ = f"{f.metadata.get('help', '')}{shown}".replace("%", "%%")
         dest = f"{section}.{f.name}" if section else f.name
-        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_}
-        if tp is bool:
+        kept = default if keep_defaults else argparse.SUPPRESS
+        kw: dict[str, Any] = {"dest": dest, "default": kept, "help": help_, "required": required}
+        if tp is bool or (choices(tp) is None and set(typing.get_args(tp)) == {bool, type(None)}):
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, dict):
             kw["nargs"] = "+"
-            kw["metavar"] = "KEY=VALUE" if typing.get_origin(tp) is dict else "VALUE"
+            kw["metavar"] = f.metadata.get("metavar") or (
+                "KEY=VALUE" if typing.get_origin(tp) is dict else "VALUE"
+            )
+            if typing.get_origin(tp) is dict:
+                kw["type"] = str
         elif choices(tp):
             kw["choices"] = choices(tp)
         else:
-            kw["metavar"] = f.name.upper()
+            kw["metavar"] = f.metadata.get("metavar") or f.name.upper()
             kw["type"] = checked_type(cls, f.name)  # the bounds at parse time: argparse's usage error
-        group.add_argument(*_flags(section, f), **kw)
+        if f.name in skip:
+            continue
+        group.add_argument(*_flags(section, f), *f.metadata.get("aliases", ()), **kw)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -121,17 +138,6 @@ def namespace_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (batch sizes, counts, limits)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, GenerateArgs, "generate")
 
@@ -141,18 +147,7 @@ def generate_args(ns: argparse.Namespace) -> GenerateArgs:
     return from_dict(GenerateArgs, namespace_overrides(ns).get("generate", {}), "generate options")
 
 
-def add_inference_args(
-    p: argparse.ArgumentParser,
-    template: bool = False,
-    base_help: str = "Use this base model instead of the one saved with the adapter",
-) -> None:
+def add_inference_args(p: argparse.ArgumentParser, template: bool = False) -> None:
     """--base-model, --dtype (and --template): what overrides a run directory's saved choices
     (:class:`kaika.rundir.RunDir` applies them)."""
-    p.add_argument("--base-model", help=base_help)
-    p.add_argument("--dtype", choices=choices(Dtype), help="Override the dtype saved with the adapter")
-    if template:
-        p.add_argument(
-            "--template",
-            help="Prompt template: alpaca_ja, alpaca, chat (the model's chat template), a JSON or .jinja path; "
-            "default: the one saved with the run",
-        )
+    add_dataclass_args(p, InferenceArgs, keep_defaults=True, skip=() if template else ("template",))

@@ -57,34 +57,13 @@ def add_dpo(p: argparse.ArgumentParser) -> None:
 
 def add_pairs_args(p: argparse.ArgumentParser) -> None:
     from kaika.cli.eval import add_judge_args
-    from kaika.cli.options import add_dataclass_args, add_inference_args, positive_int
-    from kaika.config import GenerateArgs
+    from kaika.cli.options import add_dataclass_args, add_inference_args
+    from kaika.config import GenerateArgs, PairsOptions
 
     p.add_argument(
         "run_dir", metavar="RUN", help="The run (or model) whose answers are compared, e.g. runs/sft"
     )
-    p.add_argument(
-        "--tasks",
-        required=True,
-        help="Tasks with reference answers: Alpaca (instruction, input, output) or ELYZA (input, output) "
-        "JSON/JSONL/CSV, or a builtin (seed-tasks-ja, elyza-tasks-100: keep evaluation tasks out of training)",
-    )
-    p.add_argument("--output", "-o", required=True, help="The pairs file to write (JSONL)")
-    p.add_argument("--samples", type=positive_int, default=4, help="Answers sampled per task (default: 4)")
-    p.add_argument(
-        "--score",
-        choices=("metrics", "judge"),
-        default="metrics",
-        help="metrics: stopped, then chrF against the reference, then less repetition; judge: the LLM "
-        "judge's 1-5 score (default: metrics)",
-    )
-    p.add_argument(
-        "--chosen",
-        choices=("best", "reference"),
-        default="best",
-        help="best: the best-scored answer; reference: the task's reference answer (default: best)",
-    )
-    p.add_argument("--limit", type=positive_int, help="Only the first N tasks")
+    add_dataclass_args(p, PairsOptions, keep_defaults=True)
     add_inference_args(p)
     # Sampling, not greedy: several draws of the same greedy answer compare nothing.
     sampling = GenerateArgs(temperature=0.8, top_p=0.95)
