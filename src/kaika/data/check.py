@@ -576,26 +576,24 @@ def _lengths(tok: TokenLengths, recs: list[Rec], report: CheckReport) -> list[tu
     return out
 
 
+def _huge_records(recs: list[Rec], cutoff_len: int, report: CheckReport) -> list[Rec]:
+    """Records training leaves out before tokenizing them (over cutoff_len × CHARS_PER_TOKEN_CAP
+    characters), each a too_long finding; not tokenized here either."""
+    huge = [r for r in recs if over_char_cap(r.record, cutoff_len)]
+    for rec in huge:
+        msg = (
+            f"{record_chars(rec.record):,} characters, over cutoff_len {cutoff_len} × {CHARS_PER_TOKEN_CAP}: "
+            "left out in training, untokenized"
+        )
+        first = excerpt(next(iter(rec.fields.values())))
+        report.findings.append(_finding("too_long", rec.source, rec.index, rec.where, None, msg, first))
+    return huge
+
+
 def check_token_lengths(recs: list[Rec], opts: CheckOptions, report: CheckReport) -> None:
     ok = [r for r in recs if r.record and not r.pair]  # pairs: kaika dpo reports their lengths
     tok = TokenLengths.load(opts.model, opts.template, any(r.conversation for r in ok))
-    huge = [r for r in ok if over_char_cap(r.record, opts.cutoff_len)]
-    for rec in huge:  # left out by training before it is tokenized; not tokenized here either
-        msg = (
-            f"{record_chars(rec.record):,} characters, over cutoff_len {opts.cutoff_len} × {CHARS_PER_TOKEN_CAP}: "
-            "left out in training, untokenized"
-        )
-        report.findings.append(
-            _finding(
-                "too_long",
-                rec.source,
-                rec.index,
-                rec.where,
-                None,
-                msg,
-                excerpt(next(iter(rec.fields.values()))),
-            )
-        )
+    huge = _huge_records(ok, opts.cutoff_len, report)
     measured = _lengths(tok, [r for r in ok if r not in huge], report)
     truncated, dropped = 0, len(huge)
     for rec, (prompt_len, full_len) in measured:

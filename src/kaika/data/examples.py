@@ -88,7 +88,7 @@ def encode_records(
     report = DataReport(records=len(records), cutoff_len=cutoff_len, train_on=mode, truncation=truncation)
     features, lengths = [], []
     for rec in tqdm(records, desc=desc, disable=len(records) < 2000, unit="ex"):
-        if over_char_cap(rec, cutoff_len):
+        if over_char_cap(rec, cutoff_len):  # left out before it is tokenized whole
             warn_left_out(rec.get("where", "a record"), record_chars(rec), cutoff_len)
             report.dropped_huge += 1
             continue
@@ -123,10 +123,14 @@ def encode_records(
         report.truncated += enc.truncated
         report.supervised_tokens += sum(label != IGNORE_INDEX for label in enc.labels)
         features.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    report.kept = len(features)
+    _summarise(report, len(features), lengths)
+    return features, report
+
+
+def _summarise(report: DataReport, kept: int, lengths: list[int]) -> None:
+    report.kept = kept
     report.tokens_per_character = report.tokens / max(report.characters, 1)
     if lengths:
         arr = np.asarray(lengths)
         report.length_percentiles = {f"p{q}": int(np.percentile(arr, q)) for q in (50, 90, 95, 99)}
         report.length_percentiles["max"] = int(arr.max())
-    return features, report
