@@ -82,10 +82,17 @@ def module_graph() -> dict[str, set[str]]:
     graph = {}
     for module, path in modules.items():
         targets = set()
-        for _, target in imports(path):
-            while target not in modules and "." in target:  # from kaika.data import x: the package
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found = [t for _, t in imports(path)]
+        for node in ast.walk(tree):  # from kaika.cli import data: the submodule, not the package
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kaika"):
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                if subs and len(subs) == len(node.names):
+                    found = [t for t in found if t != node.module] + subs
+        for target in found:
+            while target not in modules and "." in target:
                 target = target.rsplit(".", 1)[0]
-            if target != module and target in modules and modules[target].name != "__init__.py":
+            if target != module and target in modules and target != "kaika":  # kaika: the lazy front door
                 targets.add(target)
         graph[module] = targets
     return graph

@@ -27,13 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kaika.config import GenerateArgs
+from kaika.config import GenerateArgs, ServeOptions
 from kaika.data.messages import as_messages
 from kaika.data.segments import prompt_ids as conversation_ids
 from kaika.data.tokenize import encode_prompt
 from kaika.errors import KaikaError
 from kaika.inference.engine import ContextTooLong, Result, Stream, check_fits, run
-from kaika.inference.serve import ServeOptions
 from kaika.inference.serve.pool import Entry, ModelPool
 from kaika.inference.serve.schemas import (
     APIError,
