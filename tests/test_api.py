@@ -51,7 +51,7 @@ def test_options_by_name_equal_the_command_lines():
     parser = argparse.ArgumentParser()
     add_config_args(parser, TrainConfig)
     from_cli = resolve_config(TrainConfig, None, namespace_overrides(parser.parse_args(argv)))
-    from_python = kaika.TrainConfig if False else config_from(  # noqa: SIM222 (the name is the point)
+    from_python = config_from(
         TrainConfig,
         None,
         {"data": ["a.jsonl", "b.jsonl"], "lora_r": 4, "epochs": 2, "fast_loss": False, "lr": 1e-4,

@@ -155,13 +155,13 @@ def evaluate(
     """Answer ``tasks`` with the tuned model (and its base, ``base_also``), score them against the
     references (and with an LLM judge: a :class:`kaika.eval.judge.JudgeSettings`), as ``kaika eval
     generate`` does; returns the summary (``summary["variants"]``…), and writes the answers to
-    ``output_dir`` (default: ``RUN/eval/<tasks>``).
+    ``output_dir`` (default: ``RUN/eval/<tasks>``, as the command line).
 
         >>> summary = kaika.evaluate("runs/x", "seed-tasks-ja", limit=8)
     """
-    from kaika.eval.answers import eval_generate
+    from kaika.eval.answers import default_output_dir, eval_generate
 
-    out = output_dir if output_dir is not None else Path(run) / "eval" / Path(str(tasks)).stem
+    out = output_dir if output_dir is not None else default_output_dir(run, tasks)
     return eval_generate(
         run, tasks, out, GenerateArgs(**sampling), base_also=base_also, base_model=base_model, limit=limit,
         judge=judge,

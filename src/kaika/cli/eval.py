@@ -104,13 +104,10 @@ def run_loss(ns: argparse.Namespace) -> None:
 
 
 def run_generate(ns: argparse.Namespace) -> None:
-    from kaika.eval.answers import SUMMARY_MD, eval_generate, side_by_side
+    from kaika.eval.answers import SUMMARY_MD, default_output_dir, eval_generate, side_by_side
 
     args = generate_args(ns)
-    out = ns.output_dir
-    if out is None:
-        stem = Path(ns.tasks).stem
-        out = Path(ns.model) / "eval" / stem if Path(ns.model).is_dir() else Path("kaika-eval") / stem
+    out = ns.output_dir or default_output_dir(ns.model, ns.tasks)
     judge = judge_settings(ns)
     eval_generate(
         ns.model,

@@ -38,6 +38,13 @@ SUMMARY_JSON = EVAL_SUMMARY  # the name rundir gives it: the model card reads it
 SUMMARY_MD = "summary.md"
 
 
+def default_output_dir(model: str | Path, tasks: str | Path) -> Path:
+    """Where an evaluation goes when not told: inside the run (``RUN/eval/<tasks>``), or, for a model
+    that is not a directory (a hub id, a builtin), ``kaika-eval/<tasks>``."""
+    stem = Path(str(tasks)).stem
+    return Path(model) / "eval" / stem if Path(model).is_dir() else Path("kaika-eval") / stem
+
+
 def answers_file(name: str) -> str:
     return f"answers_{name}.jsonl"
 
