@@ -407,6 +407,40 @@ class EvalGenerateOptions(Checked):
 
 
 @dataclass
+class EvalChoiceOptions(Checked):
+    """kaika eval choice"""
+
+    tasks: str = option(
+        None,
+        "A builtin task set (jcommonsenseqa, jnli: JGLUE v1.3 validation) or a JSONL file of "
+        '{"question", "choices": [...], "answer": index or choice text} records',
+        required=True,
+    )
+    output_dir: str | None = option(None, "Where scores and summary go (default: ADAPTER/eval/<task set>)")
+    base_also: bool = option(True, "Also score the base model (adapter switched off) to compare")
+    limit: int | None = option(None, "Only the first N items", ge=1)
+
+
+@dataclass
+class MTBenchOptions(Checked):
+    """kaika eval mt-bench"""
+
+    output_dir: str | None = option(None, "Where answers, judgments and summary go (default: ADAPTER/eval/ja-mt-bench)")
+    base_also: bool = option(True, "Also answer with the base model (adapter switched off) to compare")
+    limit: int | None = option(None, "Only the first N questions", ge=1)
+    categories: list[str] = option([], "Only these categories (coding, extraction, humanities, math, reasoning, roleplay, stem, writing)")
+
+
+@dataclass
+class SuiteOptions(Checked):
+    """kaika eval suite"""
+
+    suite: str = option("ja-standard", "The suite to run (ja-standard, ja-quick)")
+    output_dir: str | None = option(None, "Where the suite's results and report go (default: ADAPTER/eval/suite-<suite>)")
+    limit: int | None = option(None, "At most N items per task set (the suite's own limits apply too)", ge=1)
+
+
+@dataclass
 class PairsOptions(Checked):
     """kaika dpo pairs: preference pairs from a run's own sampled answers."""
 

@@ -1,4 +1,4 @@
-"""``kaika eval loss|generate|compare``: options in, one library call, a table out."""
+"""``kaika eval loss|choice|generate|mt-bench|suite|compare``: options in, one library call, a table out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from kaika.cli.options import (
     generate_args,
     namespace_overrides,
 )
-from kaika.config import CompareOptions, DataArgs, EvalGenerateOptions, EvalLossOptions, coerce, from_dict
+from kaika.config import (
+    CompareOptions,
+    DataArgs,
+    EvalChoiceOptions,
+    EvalGenerateOptions,
+    EvalLossOptions,
+    coerce,
+    from_dict,
+)
 
 MODEL_HELP = (
     "A kaika train output directory (or any PEFT adapter directory); a merged/full model directory, "
@@ -24,6 +32,7 @@ MODEL_HELP = (
 def add_eval(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
     add_loss(sub)
+    add_choice(sub)
     add_generate(sub)
     add_compare(sub)
 
@@ -41,6 +50,21 @@ def add_loss(sub) -> None:
     add_field_arg(loss, DataArgs, "cutoff_len", "Override the run's cutoff_len", None)
     add_inference_args(loss, template=True)
     loss.set_defaults(eval_run=run_loss)
+
+
+def add_choice(sub) -> None:
+    choice = sub.add_parser(
+        "choice",
+        help="Multiple-choice tasks by log-likelihood (JCommonsenseQA, JNLI, your own), base vs adapter.",
+        description="Score multiple-choice and classification items without generating: each choice's "
+        "summed token log-likelihood after a fixed Japanese prompt, as lm-evaluation-harness scores "
+        "multiple_choice tasks (acc; acc_norm divides by the choice's length in characters). Accuracy "
+        "with a 95%% Wilson interval per model, and a paired bootstrap interval of adapter minus base.",
+    )
+    choice.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
+    add_dataclass_args(choice, EvalChoiceOptions, keep_defaults=True)
+    add_inference_args(choice)
+    choice.set_defaults(eval_run=run_choice)
 
 
 def add_generate(sub) -> None:
@@ -101,6 +125,18 @@ def run_loss(ns: argparse.Namespace) -> None:
         json_path=ns.json_path,
     )
     print(format_loss_table(results))
+
+
+def run_choice(ns: argparse.Namespace) -> None:
+    from kaika.eval.answers import default_output_dir
+    from kaika.eval.choice import eval_choice, summary_markdown
+
+    out = ns.output_dir or default_output_dir(ns.model, ns.tasks)
+    summary = eval_choice(
+        ns.model, ns.tasks, out, ns.base_also, ns.base_model, ns.dtype, ns.limit
+    )
+    print(summary_markdown(summary))
+    print(f"scores and summary written to {out}")
 
 
 def run_generate(ns: argparse.Namespace) -> None:
