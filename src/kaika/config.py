@@ -425,10 +425,14 @@ class EvalChoiceOptions(Checked):
 class MTBenchOptions(Checked):
     """kaika eval mt-bench"""
 
-    output_dir: str | None = option(None, "Where answers, judgments and summary go (default: ADAPTER/eval/ja-mt-bench)")
+    output_dir: str | None = option(
+        None, "Where answers, judgments and summary go (default: ADAPTER/eval/ja-mt-bench)"
+    )
     base_also: bool = option(True, "Also answer with the base model (adapter switched off) to compare")
     limit: int | None = option(None, "Only the first N questions", ge=1)
-    categories: list[str] = option([], "Only these categories (coding, extraction, humanities, math, reasoning, roleplay, stem, writing)")
+    categories: list[str] = option(
+        [], "Only these categories (coding, extraction, humanities, math, reasoning, roleplay, stem, writing)"
+    )
 
 
 @dataclass
@@ -436,7 +440,9 @@ class SuiteOptions(Checked):
     """kaika eval suite"""
 
     suite: str = option("ja-standard", "The suite to run (ja-standard, ja-quick)")
-    output_dir: str | None = option(None, "Where the suite's results and report go (default: ADAPTER/eval/suite-<suite>)")
+    output_dir: str | None = option(
+        None, "Where the suite's results and report go (default: ADAPTER/eval/suite-<suite>)"
+    )
     limit: int | None = option(None, "At most N items per task set (the suite's own limits apply too)", ge=1)
 
 

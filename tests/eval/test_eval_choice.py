@@ -63,7 +63,9 @@ def test_builtin_task_sets():
     first = jcqa.items[0]
     assert first.choices[first.answer] == "マザーボード" and first.id == "8939"
     assert "### 指示：\n出力は以下から選択してください：\n- 掲示板\n" in first.context
-    assert first.context.endswith("電子機器で使用される最も主要な電子回路基板の事をなんと言う？\n\n### 応答：")
+    assert first.context.endswith(
+        "電子機器で使用される最も主要な電子回路基板の事をなんと言う？\n\n### 応答："
+    )
     shares = [sum(i.answer == k for i in jnli.items) for k in range(3)]
     assert shares == [349, 735, 1350] and jnli.items[0].choices == ["含意", "矛盾", "中立"]
 
@@ -114,22 +116,31 @@ def test_scores_rows_and_accuracy(tmp_path, ja_tokenizer):
     tasks.items = tasks.items[:6]
     rows = score_items(model, ja_tokenizer, tasks, "test")
     for item, row in zip(tasks.items, rows, strict=True):
-        norm = [v / len(c) for v, c in zip(row["loglik"], item.choices)]
+        norm = [v / len(c) for v, c in zip(row["loglik"], item.choices, strict=True)]
         assert row["pred"] == max(range(5), key=lambda i: row["loglik"][i])
         assert row["pred_norm"] == max(range(5), key=lambda i: norm[i])
         assert row["correct"] == (row["pred"] == item.answer)
         assert all(v < 0 and math.isfinite(v) for v in row["loglik"])
 
 
-def test_cli_base_vs_adapter(tmp_path, tiny_adapters):
+def test_cli_base_vs_adapter(tmp_path, tiny_adapters):  # noqa: F811
     mine = write_jsonl(
         tmp_path / "mine.jsonl",
-        [{"question": f"{n}の次の数は？", "choices": [str(n + 1), str(n + 5), "猫"], "answer": str(n + 1)} for n in range(12)],
+        [
+            {"question": f"{n}の次の数は？", "choices": [str(n + 1), str(n + 5), "猫"], "answer": str(n + 1)}
+            for n in range(12)
+        ],
     )
-    out = run_kaika("eval", "choice", str(tiny_adapters[0]), "--tasks", str(mine), "--output-dir", "o", cwd=tmp_path)
+    out = run_kaika(
+        "eval", "choice", str(tiny_adapters[0]), "--tasks", str(mine), "--output-dir", "o", cwd=tmp_path
+    )
     assert "adapter − base, acc:" in out
     summary = json.loads((tmp_path / "o" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["kind"] == "choice" and summary["items"] == 12 and list(summary["models"]) == ["base", "adapter"]
+    assert (
+        summary["kind"] == "choice"
+        and summary["items"] == 12
+        and list(summary["models"]) == ["base", "adapter"]
+    )
     assert summary["baselines"]["chance"] == pytest.approx(1 / 3)
     rows = {
         v: [json.loads(line) for line in (tmp_path / "o" / f"scores_{v}.jsonl").read_text().splitlines()]

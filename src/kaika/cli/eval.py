@@ -132,9 +132,7 @@ def run_choice(ns: argparse.Namespace) -> None:
     from kaika.eval.choice import eval_choice, summary_markdown
 
     out = ns.output_dir or default_output_dir(ns.model, ns.tasks)
-    summary = eval_choice(
-        ns.model, ns.tasks, out, ns.base_also, ns.base_model, ns.dtype, ns.limit
-    )
+    summary = eval_choice(ns.model, ns.tasks, out, ns.base_also, ns.base_model, ns.dtype, ns.limit)
     print(summary_markdown(summary))
     print(f"scores and summary written to {out}")
 

@@ -126,12 +126,16 @@ def _answer(
 ) -> int | None:
     value = rec.get(spec.answer_field)
     if value is None:
-        problems.append(Problem(source, where, spec.answer_field, "missing: the index or text of the right choice"))
+        problems.append(
+            Problem(source, where, spec.answer_field, "missing: the index or text of the right choice")
+        )
         return None
     if spec.answer_map is not None:
         if value not in spec.answer_map:
             problems.append(
-                Problem(source, where, spec.answer_field, f"{value!r} is not one of {', '.join(spec.answer_map)}")
+                Problem(
+                    source, where, spec.answer_field, f"{value!r} is not one of {', '.join(spec.answer_map)}"
+                )
             )
             return None
         return spec.answer_map[value]
@@ -237,7 +241,7 @@ def choice_logliks(model, context: list[int], continuations: list[list[int]]) ->
         return totals
     # transformers renamed ``past_key_values`` to ``cache`` during 5.x: use the name this model takes
     name = "cache" if "cache" in params else "past_key_values"
-    kv = out["cache"] if "cache" in out.keys() else out["past_key_values"]
+    kv = out["cache"] if "cache" in out else out["past_key_values"]
     kv.batch_repeat_interleave(len(continuations))
     rows = [c[:-1] + [c[0]] * (longest - len(c)) for c in continuations]  # pad: any token, never read
     logits = model(input_ids=torch.tensor(rows, device=device), use_cache=True, **{name: kv}).logits
@@ -253,7 +257,7 @@ def score_item(model, tokenizer, item: Item, delimiter: str) -> dict[str, Any]:
     contexts = {tuple(p[0]) for p in pairs}
     assert len(contexts) == 1, "the context is encoded alone, so it is the same for every choice"
     ll = choice_logliks(model, pairs[0][0], [p[1] for p in pairs])
-    norm = [v / len(c) for v, c in zip(ll, item.choices)]
+    norm = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
     pred, pred_norm = max(range(len(ll)), key=ll.__getitem__), max(range(len(norm)), key=norm.__getitem__)
     return {
         "id": item.id,
@@ -381,7 +385,9 @@ def eval_choice(
     with DirLock(out, "eval choice"), staged_output(out, commit="summary.json", stale=stale) as stage:
         for name, context in variants(subject, base_also):
             with context():
-                rows[name] = score_items(subject.model, subject.tokenizer, task_set, f"{task_set.name} ({name})")
+                rows[name] = score_items(
+                    subject.model, subject.tokenizer, task_set, f"{task_set.name} ({name})"
+                )
             _write_jsonl(stage / SCORES_FILE.format(name), rows[name])
             n_choices = max(len(i.choices) for i in task_set.items)
             summary["models"][name] = asdict(summarize(rows[name], n_choices))
