@@ -44,6 +44,41 @@ def test_rouge_l_on_characters():
     assert metrics.rouge_l("猫が好き", "猫 が 好き") == pytest.approx(1.0)
 
 
+def test_morpheme_rouge_l_by_hand():
+    # UniDic-lite cuts 今日は良い天気です into 今日/は/良い/天気/です and 今日は天気です into
+    # 今日/は/天気/です: LCS 4 morphemes, P = 4/4, R = 4/5, F = 8/9.
+    assert [w for w in metrics._MorphemeTokenizer().tokenize("今日は良い天気です")] == [
+        "今日",
+        "は",
+        "良い",
+        "天気",
+        "です",
+    ]
+    assert metrics.rouge_l_morph("今日は天気です", "今日は良い天気です") == pytest.approx(8 / 9)
+    # Full-width forms and spaces are formatting here too; MeCab does not make tokens of spaces.
+    assert metrics.rouge_l_morph("ＡＩは　すごい", "AIはすごい") == pytest.approx(1.0)
+
+
+def test_morpheme_bleu():
+    assert metrics.bleu_ja("吾輩は猫である。", "吾輩は猫である。") == pytest.approx(100.0)
+    assert metrics.bleu_ja("犬", "吾輩は猫である。") == 0.0
+    # The tokenizer is MeCab (IPAdic): 吾輩/は/猫/で/ある/。 against 吾輩/は/犬/で/ある/。 share
+    # 5 of 6 unigrams, 3 of 5 bigrams, 1 of 4 trigrams, 0 of 3 four-grams → sacrebleu's
+    # exponential smoothing; sacrebleu computed on its own tokens gives the same number.
+    from sacrebleu.metrics import BLEU
+
+    plain = (
+        BLEU(effective_order=True).sentence_score("吾輩 は 猫 で ある 。", ["吾輩 は 犬 で ある 。"]).score
+    )
+    assert metrics.bleu_ja("吾輩は猫である。", "吾輩は犬である。") == pytest.approx(plain)
+    names = metrics.morpheme_tokenizers()
+    assert (
+        "tok:ja-mecab" in names["bleu_ja"]
+        and "IPA" in names["bleu_ja"]
+        and "UniDic-lite" in names["rouge_l_morph"]
+    )
+
+
 def test_repetition_rate():
     assert metrics.repetition_rate("ああああ", n=2) == pytest.approx(2 / 3)  # ああ ×3, 1 unique
     # 8 chars → 5 four-grams, 猫です。 twice: 1 - 4/5
@@ -93,6 +128,10 @@ def test_summarize():
     assert s.japanese_ratio == pytest.approx((1.0 + 0.0) / 2)  # the letter-less answer is left out
     assert s.length_ratio == pytest.approx((3 + 5) / (4 + 10))  # tasks with a reference only
     assert s.rouge_l == pytest.approx((rows[0]["rouge_l"] + 0.0) / 2)
+    assert s.rouge_l_morph == pytest.approx((rows[0]["rouge_l_morph"] + rows[1]["rouge_l_morph"]) / 2)
+    assert s.bleu_ja == pytest.approx(
+        metrics.corpus_bleu_ja(["あいう", "Hello"], ["あいうえ", "あいうえおかきくけこ"])
+    )
     assert s.chrf == pytest.approx(
         metrics.corpus_chrf(["あいう", "Hello"], ["あいうえ", "あいうえおかきくけこ"])
     )

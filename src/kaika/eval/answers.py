@@ -197,6 +197,7 @@ def _answer_and_write(subject, path, tasks_file, tasks, args, base_also, judge, 
         "template": subject.template.name,
         "generate": asdict(args),
         "repetition_n": metrics.REPETITION_N,
+        "tokenizers": metrics.morpheme_tokenizers(),
         "models": {},
     }
     all_rows: dict[str, list[dict]] = {}
@@ -229,6 +230,8 @@ JUDGE_FILES = ("judge_prompt.txt", *(f"judgments_{n}.jsonl" for n in ("base", "a
 TABLE_ROWS = [
     ("chrf", "chrF (characters, 0–100) ↑", "{:.2f}"),
     ("rouge_l", "ROUGE-L (characters, 0–1) ↑", "{:.3f}"),
+    ("bleu_ja", "BLEU (MeCab/IPAdic morphemes, 0–100) ↑", "{:.2f}"),
+    ("rouge_l_morph", "ROUGE-L (MeCab/UniDic-lite morphemes, 0–1) ↑", "{:.3f}"),
     ("judge_mean", "judge score (1–5) ↑", "{:.2f}"),
     ("judge_parsed", "judgments parsed", "{:d}"),
     ("judge_unparseable", "judgments unparseable", "{:d}"),
@@ -297,4 +300,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                 "–" if a is None or b is None or spec == "{:d}" else ("{:+" + spec[2:]).format(a - b)
             )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for metric, tokenizer in summary.get("tokenizers", {}).items():
+        lines.append(f"\n`{metric}` tokenized by {tokenizer}")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,11 @@ answer where the reference has none is formatting, not content.
   sacrebleu does; per task the sentence chrF is kept.
 * ROUGE-L: ``rouge-score``'s LCS F-measure with a character tokenizer (its default tokenizer
   lower-cases and keeps only ``[a-z0-9]``, which deletes every Japanese character).
+* morpheme BLEU: sacrebleu's BLEU with its ``ja-mecab`` tokenizer (MeCab + IPAdic), the tokenization
+  Japanese MT papers report; corpus BLEU over the tasks, sentence BLEU (effective order) per task.
+* morpheme ROUGE-L: ROUGE-L F over MeCab morphemes (fugashi + UniDic-lite, the dictionary
+  llm-jp-eval's and many Japanese papers' tokenizers use). Both see NFKC text with its whitespace
+  (MeCab does not make tokens of spaces; removing them would glue Latin words together).
 * repetition rate: share of character n-grams of an answer that repeat an n-gram seen earlier
   in the same answer, ``1 - unique / total`` (seq-rep-n of Welleck et al. 2019, on characters);
   undefined for answers shorter than n.
@@ -42,7 +47,15 @@ def normalize(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).split())
 
 
-METRIC_MODULES = ("sacrebleu.metrics", "rouge_score.rouge_scorer", "regex")
+METRIC_MODULES = (
+    "sacrebleu.metrics",
+    "rouge_score.rouge_scorer",
+    "regex",
+    "MeCab",
+    "ipadic",
+    "fugashi",
+    "unidic_lite",
+)
 
 
 def _require(module: str):
@@ -95,6 +108,63 @@ def rouge_l(answer: str, reference: str) -> float:
     return float(_rouge().score(reference, answer)["rougeL"].fmeasure)
 
 
+@cache
+def _bleu():
+    metrics = _require("sacrebleu.metrics")
+    return metrics.BLEU(tokenize="ja-mecab", effective_order=True)
+
+
+def _nfkc(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).strip()
+
+
+def bleu_ja(answer: str, reference: str) -> float:
+    """Sentence BLEU (0–100) on MeCab/IPAdic morphemes, effective order (short answers are not 0 for
+    lacking 4-grams)."""
+    return float(_bleu().sentence_score(_nfkc(answer), [_nfkc(reference)]).score)
+
+
+def corpus_bleu_ja(answers: list[str], references: list[str]) -> float:
+    """Corpus BLEU (0–100) on MeCab/IPAdic morphemes: n-gram counts pooled over all pairs."""
+    return float(_bleu().corpus_score([_nfkc(a) for a in answers], [[_nfkc(r) for r in references]]).score)
+
+
+@cache
+def _tagger():
+    fugashi = _require("fugashi")
+    _require("unidic_lite")
+    return fugashi.Tagger()  # finds UniDic-lite by itself when it is installed
+
+
+class _MorphemeTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return [w.surface for w in _tagger()(_nfkc(text))]
+
+
+@cache
+def _rouge_morph():
+    rouge_scorer = _require("rouge_score.rouge_scorer")
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_MorphemeTokenizer())
+
+
+def rouge_l_morph(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure (0–1) over MeCab morphemes (UniDic-lite)."""
+    return float(_rouge_morph().score(reference, answer)["rougeL"].fmeasure)
+
+
+def morpheme_tokenizers() -> dict[str, str]:
+    """What the morpheme metrics tokenized with, named for the report."""
+    from importlib.metadata import version
+
+    bleu = _bleu()
+    bleu.corpus_score(["。"], [["。"]])  # the signature names the tokenizer once it has run
+    return {
+        "bleu_ja": f"sacrebleu {version('sacrebleu')} {bleu.get_signature()} (MeCab {version('mecab-python3')}, "
+        f"IPAdic {version('ipadic')})",
+        "rouge_l_morph": f"fugashi {version('fugashi')} (MeCab), UniDic-lite {version('unidic-lite')}",
+    }
+
+
 def repetition_rate(text: str, n: int = REPETITION_N) -> float | None:
     """``1 - unique/total`` over the character n-grams of ``text``; None when it is shorter than n
     (an empty answer is not a non-repetitive one)."""
@@ -132,6 +202,8 @@ def score(answer: str, reference: str, stopped: bool, repetition_n: int = REPETI
     return {
         "chrf": chrf(answer, reference) if has_ref else None,
         "rouge_l": rouge_l(answer, reference) if has_ref else None,
+        "bleu_ja": bleu_ja(answer, reference) if has_ref else None,
+        "rouge_l_morph": rouge_l_morph(answer, reference) if has_ref else None,
         "repetition": repetition_rate(answer, repetition_n),
         "japanese_ratio": japanese_ratio(answer),
         "length_ratio": length_ratio(answer, reference),
@@ -146,6 +218,8 @@ class Summary:
     tasks: int
     chrf: float | None  # corpus chrF over the tasks that have a reference, 0–100
     rouge_l: float | None  # mean character ROUGE-L F over those tasks, 0–1
+    bleu_ja: float | None  # corpus BLEU on MeCab/IPAdic morphemes over those tasks, 0–100
+    rouge_l_morph: float | None  # mean morpheme ROUGE-L F (MeCab/UniDic-lite) over those tasks, 0–1
     stop_rate: float  # share of answers ended by EOS
     empty_rate: float  # share of answers with no character left after normalisation
     repetition: float | None  # mean repetition rate over answers of at least n characters
@@ -168,6 +242,10 @@ def summarize(rows: list[dict[str, Any]]) -> Summary:
         if with_ref
         else None,
         rouge_l=_mean([r["rouge_l"] for r in with_ref]),
+        bleu_ja=corpus_bleu_ja([r["response"] for r in with_ref], [r["reference"] for r in with_ref])
+        if with_ref
+        else None,
+        rouge_l_morph=_mean([r["rouge_l_morph"] for r in with_ref if r.get("rouge_l_morph") is not None]),
         stop_rate=_mean([float(r["stopped"]) for r in rows]) or 0.0,
         empty_rate=_mean([float(not normalize(r["response"])) for r in rows]) or 0.0,
         repetition=_mean([r["repetition"] for r in rows if r["repetition"] is not None]),
