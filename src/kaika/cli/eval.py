@@ -19,6 +19,8 @@ from kaika.config import (
     EvalChoiceOptions,
     EvalGenerateOptions,
     EvalLossOptions,
+    MTBenchOptions,
+    SuiteOptions,
     coerce,
     from_dict,
 )
@@ -34,6 +36,8 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     add_loss(sub)
     add_choice(sub)
     add_generate(sub)
+    add_mt_bench(sub)
+    add_suite(sub)
     add_compare(sub)
 
 
@@ -81,6 +85,41 @@ def add_generate(sub) -> None:
     add_judge_args(gen)
     add_generate_args(gen)
     gen.set_defaults(eval_run=run_generate)
+
+
+def add_mt_bench(sub) -> None:
+    mt = sub.add_parser(
+        "mt-bench",
+        help="Japanese MT-Bench: 80 two-turn questions answered in the run's template, judged 1-10.",
+        description="Answer Japanese MT-Bench's 80 questions (8 categories) as two-turn conversations in "
+        "the run's template, base and adapter, and with --judge grade each turn by MT-Bench's "
+        "single-answer prompts (Japanese for turn 1, the English multi-turn ones for turn 2; math, "
+        "reasoning and coding against the GPT-4 reference answers) on any OpenAI-compatible endpoint.",
+    )
+    mt.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
+    add_dataclass_args(mt, MTBenchOptions, keep_defaults=True)
+    add_inference_args(mt, template=True)
+    add_judge_args(mt)
+    add_generate_args(mt)
+    mt.set_defaults(eval_run=run_mt_bench)
+
+
+def add_suite(sub) -> None:
+    suite = sub.add_parser(
+        "suite",
+        help="Run a Japanese evaluation suite and write one report (Markdown + HTML).",
+        description="Run every part of a suite on a run, base vs adapter in one model load: "
+        "JCommonsenseQA and JNLI by log-likelihood, the ELYZA-tasks-100 loss and answers (character and "
+        "morpheme metrics), and with --judge the judged sets (ELYZA-tasks-100 1-5, Japanese MT-Bench "
+        "1-10). One report, ADAPTER/eval/suite-<suite>/report.md and report.html. A part that fails is "
+        "named in the report; the others are kept.",
+    )
+    suite.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
+    add_dataclass_args(suite, SuiteOptions, keep_defaults=True)
+    add_inference_args(suite, template=True)
+    add_judge_args(suite)
+    add_generate_args(suite)
+    suite.set_defaults(eval_run=run_suite)
 
 
 def add_judge_args(gen: argparse.ArgumentParser) -> None:
@@ -159,6 +198,50 @@ def run_generate(ns: argparse.Namespace) -> None:
     if ns.show:
         print(side_by_side(out, ns.show) + "\n")
     print(f"answers and summary written to {out}")
+
+
+def run_mt_bench(ns: argparse.Namespace) -> None:
+    from kaika.eval.answers import default_output_dir
+    from kaika.eval.mtbench import OUTPUT_NAME, eval_mt_bench, summary_markdown
+
+    out = ns.output_dir or default_output_dir(ns.model, OUTPUT_NAME)
+    summary = eval_mt_bench(
+        ns.model,
+        out,
+        generate_args(ns),
+        judge_settings(ns),
+        ns.base_also,
+        ns.base_model,
+        ns.dtype,
+        ns.template,
+        ns.categories,
+        ns.limit,
+    )
+    print(summary_markdown(summary))
+    print(f"answers and summary written to {out}")
+
+
+def run_suite(ns: argparse.Namespace) -> None:
+    from kaika.eval.suite import default_suite_dir, eval_suite
+
+    out = ns.output_dir or default_suite_dir(ns.model, ns.suite)
+    md, page, failed = eval_suite(
+        ns.model,
+        ns.suite,
+        out,
+        generate_args(ns),
+        judge_settings(ns),
+        ns.base_model,
+        ns.dtype,
+        ns.template,
+        ns.limit,
+    )
+    print(md.read_text(encoding="utf-8"))
+    print(f"report written to {md} and {page}")
+    if failed:
+        raise SystemExit(
+            f"kaika eval suite: {len(failed)} part(s) failed: {', '.join(failed)} (see the report)"
+        )
 
 
 def run_compare(ns: argparse.Namespace) -> None:

@@ -166,8 +166,10 @@ def eval_generate(
     template: str | None = None,
     limit: int | None = None,
     judge: Any = None,  # kaika.eval.judge.JudgeSettings
+    subject: Loaded | None = None,
 ) -> dict[str, Any]:
-    """Answer every task with each model variant, score, optionally judge; write and return the summary."""
+    """Answer every task with each model variant, score, optionally judge; write and return the summary.
+    ``subject``: the model already loaded (by the suite), else it is loaded from ``path``."""
     args = args or GenerateArgs()
     tasks = load_tasks(tasks_file)[:limit] if limit else load_tasks(tasks_file)
     out = Path(output_dir)
@@ -178,7 +180,7 @@ def eval_generate(
     metrics.check_installed()
     if judge is not None:
         judge.check()  # a bad judge URL or key fails before minutes of generation
-    subject = load_subject(path, base_model, dtype, template)
+    subject = subject or load_subject(path, base_model, dtype, template)
     # Everything is written aside and published together, the summary last; an earlier evaluation's
     # files that this one does not write again are removed with its summary: the directory is never a mix.
     ours = (*(answers_file(n) for n in ("base", "adapter", "model")), SUMMARY_MD, *JUDGE_FILES)
@@ -186,7 +188,10 @@ def eval_generate(
         DirLock(out, "eval generate"),
         staged_output(out, commit=SUMMARY_JSON, stale=ours, hint="Free some space and run it again") as stage,
     ):
-        return _answer_and_write(subject, path, tasks_file, tasks, args, base_also, judge, stage)
+        summary = _answer_and_write(subject, path, tasks_file, tasks, args, base_also, judge, stage)
+    if summary.get("judge_error"):  # the answers and metrics are kept; the command still fails
+        raise KaikaError(f"{summary['judge_error']}. The answers and their metrics were written to {out}.")
+    return summary
 
 
 def _answer_and_write(subject, path, tasks_file, tasks, args, base_also, judge, out: Path) -> dict[str, Any]:
@@ -209,7 +214,11 @@ def _answer_and_write(subject, path, tasks_file, tasks, args, base_also, judge, 
     if judge is not None:
         from kaika.eval.judge import judge_runs
 
-        summary["judge"] = judge_runs(judge, all_rows, out)
+        try:
+            summary["judge"] = judge_runs(judge, all_rows, out)
+        except KaikaError as e:  # every request failed: named in the summary, the answers kept
+            summary["judge_error"] = str(e)
+    if "judge" in summary:
         for name, rows in all_rows.items():
             write_jsonl(out / answers_file(name), rows)  # now with judge_score
             summary["models"][name].update(summary["judge"]["models"][name])
@@ -300,6 +309,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                 "–" if a is None or b is None or spec == "{:d}" else ("{:+" + spec[2:]).format(a - b)
             )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if summary.get("judge_error"):
+        lines.append(f"\n**judge failed**: {summary['judge_error']}")
     for metric, tokenizer in summary.get("tokenizers", {}).items():
         lines.append(f"\n`{metric}` tokenized by {tokenizer}")
     return "\n".join(lines) + "\n"

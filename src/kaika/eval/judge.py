@@ -112,30 +112,29 @@ class JudgeSettings(Checked):
         return OpenAI(base_url=self.url, api_key=key or "no-key", timeout=self.timeout, max_retries=2)
 
 
-def judge_one(client, settings: JudgeSettings, row: dict[str, Any]) -> dict[str, Any]:
+def ask(client, settings: JudgeSettings, messages: list[dict[str, str]]) -> tuple[str | None, str | None]:
+    """(the judge's reply, None), or (None, the error) when the request failed: one failure is counted
+    by the caller, never fatal."""
     import openai
 
-    prompt = build_prompt(row)
-    record: dict[str, Any] = {
-        "id": row["id"],
-        "prompt": prompt,
-        "judgment": None,
-        "score": None,
-        "error": None,
-    }
     try:
         reply = client.chat.completions.create(
-            model=settings.model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=0,
-            max_tokens=settings.max_tokens,
+            model=settings.model, messages=messages, temperature=0, max_tokens=settings.max_tokens
         )
-        record["judgment"] = reply.choices[0].message.content if reply.choices else None
-    except openai.APIError as e:  # one failed request is counted, not fatal
-        record["error"] = f"{type(e).__name__}: {e}"
-        return record
-    record["score"] = parse_score(record["judgment"])
-    return record
+    except openai.APIError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return (reply.choices[0].message.content if reply.choices else None), None
+
+
+def judge_one(client, settings: JudgeSettings, row: dict[str, Any]) -> dict[str, Any]:
+    prompt = build_prompt(row)
+    judgment, error = ask(client, settings, [{"role": "user", "content": prompt}])
+    score = parse_score(judgment) if error is None else None
+    return {"id": row["id"], "prompt": prompt, "judgment": judgment, "score": score, "error": error}
+
+
+def all_failed_error(settings: JudgeSettings, errors: list[str]) -> KaikaError:
+    return KaikaError(f"every judge request to {settings.url} failed; the first error: {errors[0]}")
 
 
 def judge_runs(settings: JudgeSettings, all_rows: dict[str, list[dict]], out: Path) -> dict[str, Any]:
@@ -173,5 +172,5 @@ def judge_runs(settings: JudgeSettings, all_rows: dict[str, list[dict]], out: Pa
         if failed:
             log.warning("judge: %d of %d requests failed (first: %s)", len(failed), len(rows), failed[0])
     if errors and len(errors) == sum(len(r) for r in all_rows.values()):
-        raise KaikaError(f"every judge request to {settings.url} failed; the first error: {errors[0]}")
+        raise all_failed_error(settings, errors)
     return result

@@ -70,15 +70,17 @@ def eval_loss(
     cutoff_len: int | None = None,
     columns: dict[str, str] | None = None,
     json_path: str | Path | None = None,
+    subject: Loaded | None = None,
 ) -> dict[str, LossResult]:
-    """``{"base": …, "adapter": …}`` for an adapter, ``{"model": …}`` for a full model."""
+    """``{"base": …, "adapter": …}`` for an adapter, ``{"model": …}`` for a full model. ``subject``: the
+    model already loaded (by the suite), else it is loaded from ``path``."""
     from kaika.data.records import load_records
     from kaika.guard import check_output_file
 
     if json_path:
         check_output_file(json_path, [data], "--json")
     records = load_records([data], columns)
-    subject = load_subject(path, base_model, dtype, template)
+    subject = subject or load_subject(path, base_model, dtype, template)
     d = subject.run.data_args
     tok = subject.tokenizer
     cutoff = cutoff_len or d.cutoff_len

@@ -1,9 +1,11 @@
 """``kaika eval compare``: runs side by side, as Markdown and as one self-contained HTML page.
 
 A run is a ``kaika train`` output directory. From each it reads ``trainer_log.jsonl`` (loss
-curves) and every ``eval/<name>/summary.json`` written by ``kaika eval generate`` (with its
-``answers_*.jsonl`` for per-task deltas); an ``eval generate`` output directory can be given
-directly too. The HTML page embeds its plots as base64 PNG and its style inline: it opens
+curves) and every evaluation under ``eval/`` (one level, or two inside a suite's directory): the
+``summary.json`` of ``kaika eval generate`` (with its ``answers_*.jsonl`` for per-task deltas),
+``kaika eval choice`` (with its per-item scores, for paired intervals between runs) and ``kaika eval
+mt-bench``, the ``--json`` files of ``kaika eval loss``, and a suite's ``suite.json``. One evaluation's
+or one suite's output directory can be given directly too. The HTML page embeds its plots as base64 PNG and its style inline: it opens
 offline, can be mailed, and fetches nothing.
 """
 
@@ -38,6 +40,12 @@ class Run:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # task set → summary.json
     answers: dict[str, dict[str, list[dict]]] = field(default_factory=dict)  # task set → variant → rows
     losses: dict[str, dict[str, dict]] = field(default_factory=dict)  # eval/<name>.json of eval loss
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # task → {summary, rows: variant → rows}
+    mtbench: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → summary.json
+    suites: list[dict[str, Any]] = field(default_factory=list)  # suite.json of each suite run
+
+    def empty(self) -> bool:
+        return not (self.train or self.summaries or self.choices or self.mtbench or self.losses)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -51,7 +59,46 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _is_loss_file(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and all(isinstance(v, dict) and "loss" in v for v in data.values())
+    )
+
+
+def _eval_root(path: Path) -> Path:
+    """Where a run's evaluations are: ``RUN/eval``, or the directory itself when it is one evaluation's
+    or one suite's output."""
+    from kaika.eval.suite import SUITE_FILE
+
+    return path if (path / SUMMARY_JSON).is_file() or (path / SUITE_FILE).is_file() else path / "eval"
+
+
+def _read_evaluation(run: Run, d: Path, name: str) -> None:
+    from kaika.eval.choice import SCORES_FILE
+
+    summary = json.loads((d / SUMMARY_JSON).read_text(encoding="utf-8"))
+    kind = summary.get("kind", "generate")
+    if kind == "choice":
+        rows = {
+            v: _read_jsonl(d / SCORES_FILE.format(v))
+            for v in summary["models"]
+            if (d / SCORES_FILE.format(v)).is_file()
+        }
+        run.choices[name] = {"summary": summary, "rows": rows}
+    elif kind == "mt-bench":
+        run.mtbench[name] = summary
+    else:
+        run.summaries[name] = summary
+        run.answers[name] = {
+            v: _read_jsonl(d / answers_file(v)) for v in summary["models"] if (d / answers_file(v)).is_file()
+        }
+
+
 def load_run(path: str | Path, label: str) -> Run:
+    from kaika.eval.suite import SUITE_FILE
+
     path = Path(path)
     if not path.is_dir():
         raise KaikaError(f"run directory {path} does not exist")
@@ -62,31 +109,28 @@ def load_run(path: str | Path, label: str) -> Run:
                 run.train.append((row["step"], row["loss"]))
             if "eval_loss" in row:
                 run.evals.append((row["step"], row["eval_loss"]))
-    eval_dirs = (
-        [path]
-        if (path / SUMMARY_JSON).is_file()
-        else sorted(p.parent for p in path.glob(f"eval/*/{SUMMARY_JSON}"))
-    )
-    for d in eval_dirs:
-        name = d.name
-        run.summaries[name] = json.loads((d / SUMMARY_JSON).read_text(encoding="utf-8"))
-        run.answers[name] = {
-            v: _read_jsonl(d / answers_file(v))
-            for v in run.summaries[name]["models"]
-            if (d / answers_file(v)).is_file()
-        }
-    for f in sorted(path.glob("eval/*.json")):  # kaika eval loss --json files kept with the run
-        data = json.loads(f.read_text(encoding="utf-8"))
-        if (
-            isinstance(data, dict)
-            and data
-            and all(isinstance(v, dict) and "loss" in v for v in data.values())
-        ):
-            run.losses[f.stem] = data
-    if not run.train and not run.summaries:
+    root = _eval_root(path)
+    if (root / SUMMARY_JSON).is_file():
+        _read_evaluation(run, root, root.name)
+    else:  # evaluations one level down, and two inside suites (named suite-x/part)
+        for f in sorted([*root.glob(f"*/{SUMMARY_JSON}"), *root.glob(f"*/*/{SUMMARY_JSON}")]):
+            _read_evaluation(run, f.parent, f.parent.relative_to(root).as_posix())
+    for f in sorted([*root.glob("*.json"), *root.glob("*/*.json")]):  # kaika eval loss --json files
+        if f.name not in (SUMMARY_JSON, SUITE_FILE):
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # not ours
+            if _is_loss_file(data):
+                run.losses[f.relative_to(root).with_suffix("").as_posix()] = data
+    run.suites = [
+        json.loads(f.read_text(encoding="utf-8"))
+        for f in sorted([*root.glob(SUITE_FILE), *root.glob(f"*/{SUITE_FILE}")])
+    ]
+    if run.empty():
         raise KaikaError(
-            f"{path} has neither {LOG_FILE} nor eval/*/{SUMMARY_JSON}: give kaika train output directories "
-            "(after kaika eval generate … --output-dir RUN/eval/NAME) or eval output directories"
+            f"{path} has neither {LOG_FILE} nor evaluations (eval/*/{SUMMARY_JSON}): give kaika train output "
+            "directories (after kaika eval … inside them) or evaluation or suite output directories"
         )
     return run
 
@@ -143,7 +187,7 @@ def runs_table(runs: list[Run]) -> Table:
                 str(last_train[0]) if last_train else "–",
                 _fmt(last_train[1] if last_train else None, "{:.4f}"),
                 _fmt(last_eval[1] if last_eval else None, "{:.4f}"),
-                ", ".join(r.summaries) or "–",
+                ", ".join([*r.choices, *r.summaries, *r.mtbench]) or "–",
             ]
         )
     return Table("Runs", ["run", "steps", "last train loss", "last eval loss", "evaluations"], rows)
@@ -253,6 +297,136 @@ def delta_table(task_set: str, found) -> Table:
     return Table(f"Per-task Δ {metric} on {task_set}", ["task", "instruction", *labels], rows)
 
 
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def choice_columns(runs: list[Run], task: str) -> list[tuple[str, dict, list[dict]]]:
+    """(label, model summary, per-item rows): the first run's base, then every run's tuned model."""
+    cols = []
+    for i, r in enumerate(runs):
+        found = r.choices.get(task)
+        if not found:
+            continue
+        models = found["summary"]["models"]
+        names = (["base"] if i == 0 and "base" in models else []) + [
+            v for v in ("adapter", "model") if v in models
+        ]
+        for v in names:
+            cols.append(
+                (f"base ({r.label})" if v == "base" else r.label, models[v], found["rows"].get(v, []))
+            )
+    return cols
+
+
+def choice_table(runs: list[Run], task: str) -> Table:
+    """Accuracy with its Wilson interval per model, and each model minus the first column on the same
+    items with a paired bootstrap interval: "within noise" when it holds 0."""
+    from kaika.eval.choice import paired_difference
+
+    cols = choice_columns(runs, task)
+    summary = next(r.choices[task]["summary"] for r in runs if task in r.choices)
+    first_rows = cols[0][2]
+    rows = []
+    for j, (label, m, items) in enumerate(cols):
+        delta = "–"
+        same = items and first_rows and [x["id"] for x in items] == [x["id"] for x in first_rows]
+        if j and same:
+            d = paired_difference([x["correct"] for x in first_rows], [x["correct"] for x in items])
+            verdict = "within noise" if d["within_noise"] else ("better" if d["delta"] > 0 else "worse")
+            delta = f"{100 * d['delta']:+.1f} ({100 * d['ci'][0]:+.1f} to {100 * d['ci'][1]:+.1f}) {verdict}"
+        rows.append([
+            label,
+            f"{_pct(m['acc'])} ({_pct(m['acc_ci'][0])}–{_pct(m['acc_ci'][1])})",
+            f"{_pct(m['acc_norm'])} ({_pct(m['acc_norm_ci'][0])}–{_pct(m['acc_norm_ci'][1])})",
+            delta,
+        ])  # fmt: skip
+    b = summary["baselines"]
+    note = (
+        f"{summary['items']} items, {summary['scoring']}; 95 % Wilson intervals; Δ: paired bootstrap "
+        f"against {cols[0][0]}. Chance {_pct(b['chance'])} %, majority answer {_pct(b['majority'])} %."
+    )
+    head = ["model", "acc %", "acc_norm %", f"Δ acc vs {cols[0][0]} (points, 95 % CI)"]
+    return Table(f"{summary.get('title', task)} ({task})", head, rows, note)
+
+
+def mtbench_table(runs: list[Run], name: str) -> Table:
+    cols = []
+    for i, r in enumerate(runs):
+        models = r.mtbench.get(name, {}).get("models", {})
+        for v in (["base"] if i == 0 else []) + ["adapter", "model"]:
+            if v in models:
+                cols.append((f"base ({r.label})" if v == "base" else r.label, models[v]))
+    keys = [("score", "score (1–10) ↑"), ("turn_1", "turn 1"), ("turn_2", "turn 2")]
+    cats = list(dict.fromkeys(c for _, m in cols for c in m.get("categories", {})))
+    rows = [[label] + [_fmt(m.get(k), "{:.2f}") for _, m in cols] for k, label in keys]
+    rows += [[c] + [_fmt(m.get("categories", {}).get(c), "{:.2f}") for _, m in cols] for c in cats]
+    rows += [[label] + [_fmt(m.get(k), "{:.2f}") for _, m in cols]
+             for k, label in (("stop_rate_turn_1", "stop rate, turn 1"), ("stop_rate_turn_2", "stop rate, turn 2"))]  # fmt: skip
+    return Table(f"Japanese MT-Bench ({name})", ["", *(c for c, _ in cols)], rows)
+
+
+def judges_table(runs: list[Run]) -> Table | None:
+    """What was judged by what: every judged evaluation, its judge and how many judgments parsed."""
+    rows = []
+    for r in runs:
+        judged = [
+            (n, s.get("judge"), s.get("judge_error")) for n, s in [*r.summaries.items(), *r.mtbench.items()]
+        ]
+        for name, judge, error in judged:
+            if judge:
+                for variant, m in judge["models"].items():
+                    rows.append([r.label, name, variant, f"{judge['judge_model']} at {judge['url']}",
+                                 str(m["judge_parsed"]), str(m["judge_unparseable"]), str(m["judge_errors"])])  # fmt: skip
+                if judge.get("error"):
+                    rows.append([r.label, name, "–", f"failed: {judge['error']}", "–", "–", "–"])
+            elif error:
+                rows.append([r.label, name, "–", f"failed: {error}", "–", "–", "–"])
+    head = ["run", "evaluation", "model", "judge", "parsed", "unparseable", "failed"]
+    return Table("Judges", head, rows) if rows else None
+
+
+def suite_table(runs: list[Run]) -> Table | None:
+    rows = [
+        [
+            r.label,
+            s["suite"],
+            p["name"],
+            p["kind"],
+            "failed: " + p["error"]
+            if "error" in p
+            else ("skipped: " + p["skipped"] if "skipped" in p else "done"),
+            _fmt(p.get("seconds"), "{:.0f}"),
+        ]  # fmt: skip
+        for r in runs
+        for s in r.suites
+        for p in s["parts"]
+    ]
+    return Table("Suite parts", ["run", "suite", "part", "kind", "status", "seconds"], rows) if rows else None
+
+
+def plot_choices(runs: list[Run], tasks: list[str]) -> bytes | None:
+    """Accuracy per task and model with its 95 % interval, chance and majority marked."""
+    if not tasks:
+        return None
+    fig = _figure(figsize=(3.2 * len(tasks), 3.4), dpi=100)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        cols = choice_columns(runs, task)
+        acc = [100 * m["acc"] for _, m, _ in cols]
+        err = [[a - 100 * m["acc_ci"][0] for a, (_, m, _) in zip(acc, cols, strict=True)],
+               [100 * m["acc_ci"][1] - a for a, (_, m, _) in zip(acc, cols, strict=True)]]  # fmt: skip
+        ax.bar(range(len(cols)), acc, yerr=err, capsize=3, color=[f"C{i}" for i in range(len(cols))])
+        b = next(r.choices[task]["summary"]["baselines"] for r in runs if task in r.choices)
+        ax.axhline(100 * b["chance"], color="grey", linestyle=":", linewidth=1, label="chance")
+        ax.axhline(100 * b["majority"], color="black", linestyle="--", linewidth=0.8, label="majority")
+        ax.set_title(f"{task}: acc % (95 % CI)", fontsize=8)
+        ax.set_xticks(range(len(cols)), [c for c, _, _ in cols], rotation=45, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=6)
+    return _png(fig)
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -347,14 +521,25 @@ def compare(paths: list[str | Path], output_dir: str | Path) -> tuple[Path, Path
     losses = plot_losses(runs)
     training = [runs_table(runs)] + ([t] if (t := loss_table(runs)) else [])
     sections.append(("Training", training, [("loss_curves.png", losses)] if losses else []))
+    if (t := suite_table(runs)) is not None:
+        sections.append(("Suite", [t], []))
+    choice_tasks = list(dict.fromkeys(name for r in runs for name in r.choices))
+    if choice_tasks:
+        bars = plot_choices(runs, choice_tasks)
+        sections.append(("Multiple choice by log-likelihood", [choice_table(runs, t) for t in choice_tasks],
+                         [("choice_accuracy.png", bars)] if bars else []))  # fmt: skip
+    for name in dict.fromkeys(n for r in runs for n in r.mtbench):
+        sections.append((f"Evaluation: {name}", [mtbench_table(runs, name)], []))
+    if (t := judges_table(runs)) is not None:
+        sections.append(("Judges", [t], []))
     task_sets = list(dict.fromkeys(name for r in runs for name in r.summaries))
     for ts in task_sets:
         tables, plots = [metrics_table(runs, ts)], []
         if (bars := plot_metrics(runs, ts)) is not None:
-            plots.append((f"metrics_{ts}.png", bars))
+            plots.append((f"metrics_{ts.replace('/', '_')}.png", bars))
         if (found := task_deltas(runs, ts)) is not None:
             tables.append(delta_table(ts, found))
-            plots.append((f"deltas_{ts}.png", plot_deltas(found)))
+            plots.append((f"deltas_{ts.replace('/', '_')}.png", plot_deltas(found)))
         sections.append((f"Evaluation: {ts}", tables, plots))
 
     title = "kaika run comparison: " + ", ".join(r.label for r in runs)

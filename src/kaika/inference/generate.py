@@ -109,11 +109,19 @@ def generate_batch(
     loaded: Loaded, records: list[dict[str, str]], args: GenerateArgs, streamer: Any = None
 ) -> list[Generation]:
     """Answers for ``records`` ({instruction, input?}) in one left-padded batch."""
+    prompts = [record_prompt_ids(loaded.template, loaded.tokenizer, r) for r in records]
+    return generate_ids(loaded, prompts, args, streamer)
+
+
+@torch.no_grad()
+def generate_ids(
+    loaded: Loaded, prompts: list[list[int]], args: GenerateArgs, streamer: Any = None
+) -> list[Generation]:
+    """Answers for encoded prompts (records, conversations) in one left-padded batch."""
     from transformers import set_seed
 
     tok = loaded.tokenizer
-    prompts = [{"input_ids": record_prompt_ids(loaded.template, tok, r)} for r in records]
-    batch = pad_batch(prompts, tok.pad_token_id, side="left")  # every row continues from its last token
+    batch = pad_batch([{"input_ids": p} for p in prompts], tok.pad_token_id, side="left")  # rows end together
     device = next(loaded.model.parameters()).device
     set_seed(args.seed)
     out = loaded.model.generate(
