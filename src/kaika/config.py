@@ -439,11 +439,12 @@ class MTBenchOptions(Checked):
 class SuiteOptions(Checked):
     """kaika eval suite"""
 
-    suite: str = option("ja-standard", "The suite to run (ja-standard, ja-quick)")
+    suite: str = option("ja-standard", "The suite to run (ja-standard, ja-quick, quickstart)")
     output_dir: str | None = option(
         None, "Where the suite's results and report go (default: ADAPTER/eval/suite-<suite>)"
     )
     limit: int | None = option(None, "At most N items per task set (the suite's own limits apply too)", ge=1)
+    show: int = option(0, "Print the first N generated answers side by side", ge=0, metavar="N")
 
 
 @dataclass

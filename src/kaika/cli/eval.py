@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from kaika.cli.options import (
@@ -222,9 +223,10 @@ def run_mt_bench(ns: argparse.Namespace) -> None:
 
 
 def run_suite(ns: argparse.Namespace) -> None:
-    from kaika.eval.suite import default_suite_dir, eval_suite
+    from kaika.eval.answers import side_by_side
+    from kaika.eval.suite import SUITE_FILE, default_suite_dir, eval_suite, summary_text
 
-    out = ns.output_dir or default_suite_dir(ns.model, ns.suite)
+    out = Path(ns.output_dir or default_suite_dir(ns.model, ns.suite))
     md, page, failed = eval_suite(
         ns.model,
         ns.suite,
@@ -236,7 +238,11 @@ def run_suite(ns: argparse.Namespace) -> None:
         ns.template,
         ns.limit,
     )
-    print(md.read_text(encoding="utf-8"))
+    print(summary_text(out))
+    parts = json.loads((out / SUITE_FILE).read_text(encoding="utf-8"))["parts"]
+    answered = [out / p["name"] for p in parts if p["kind"] == "generate" and (out / p["name"]).is_dir()]
+    if ns.show and answered:
+        print(side_by_side(answered[0], ns.show) + "\n")
     print(f"report written to {md} and {page}")
     if failed:
         raise SystemExit(

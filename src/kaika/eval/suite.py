@@ -86,6 +86,28 @@ def run_part(part: Part, subject, path, out: Path, args: GenerateArgs, judge, li
         raise KaikaError(f"suite part {part.name}: unknown kind {part.kind!r}")
 
 
+def summary_text(out: Path) -> str:
+    """What a terminal shows after a suite: each part's own summary table, in the suite's order."""
+    from kaika.eval.loss import LossResult, format_loss_table
+
+    record = json.loads((out / SUITE_FILE).read_text(encoding="utf-8"))
+    blocks = []
+    for p in record["parts"]:
+        if "skipped" in p or "error" in p:
+            blocks.append(
+                f"### {p['name']}: "
+                + ("skipped, " + p["skipped"] if "skipped" in p else "FAILED: " + p["error"])
+            )
+        elif p["kind"] == "loss":
+            data = json.loads((out / f"{p['name']}.json").read_text(encoding="utf-8"))
+            table = format_loss_table({k: LossResult(**v) for k, v in data.items()})
+            blocks.append(f"### {p['name']} (loss on the reference answers)\n\n{table}")
+        else:
+            md = (out / p["name"] / "summary.md").read_text(encoding="utf-8").strip()
+            blocks.append(md if md.startswith("###") else f"### {p['name']}\n\n{md}")
+    return "\n\n".join(blocks) + "\n"
+
+
 def eval_suite(
     path: str | Path,
     suite: str,
