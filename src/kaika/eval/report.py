@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 LOG_FILE = "trainer_log.jsonl"  # written by kaika.training.sft (same name as train.LOG_FILE)
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+SUITE_FILE = "suite.json"  # what kaika eval suite ran, and which parts failed
 DELTA_METRICS = ("judge_score", "chrf")  # per-task delta: the judge when there is one, else chrF
 
 
@@ -70,8 +71,6 @@ def _is_loss_file(data: Any) -> bool:
 def _eval_root(path: Path) -> Path:
     """Where a run's evaluations are: ``RUN/eval``, or the directory itself when it is one evaluation's
     or one suite's output."""
-    from kaika.eval.suite import SUITE_FILE
-
     return path if (path / SUMMARY_JSON).is_file() or (path / SUITE_FILE).is_file() else path / "eval"
 
 
@@ -97,8 +96,6 @@ def _read_evaluation(run: Run, d: Path, name: str) -> None:
 
 
 def load_run(path: str | Path, label: str) -> Run:
-    from kaika.eval.suite import SUITE_FILE
-
     path = Path(path)
     if not path.is_dir():
         raise KaikaError(f"run directory {path} does not exist")

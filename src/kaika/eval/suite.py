@@ -21,11 +21,13 @@ from typing import Any
 
 from kaika.config import GenerateArgs
 from kaika.errors import KaikaError
+from kaika.eval.report import SUITE_FILE, compare
+
+__all__ = ["SUITE_FILE", "default_suite_dir", "eval_suite", "suite_parts", "summary_text"]
 
 log = logging.getLogger(__name__)
 
 SUITES_FILE = "eval_suites.json"  # in kaika.assets
-SUITE_FILE = "suite.json"  # what a suite run wrote, and which parts failed
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,6 @@ def eval_suite(
     """Run every part of ``suite`` (the judged ones only with a judge), write ``suite.json`` and the
     report; return the report's two paths and the names of the parts that failed."""
     from kaika.eval.loss import load_subject
-    from kaika.eval.report import compare
 
     parts = suite_parts(suite)
     if judge is not None:
