@@ -108,6 +108,12 @@ def test_every_verb_returns_its_result(tmp_path, monkeypatch):
     summary = kaika.evaluate(run.output_dir, "seed-tasks-ja", limit=2, max_new_tokens=4)
     assert set(summary["models"]) == {"base", "adapter"} and summary["tasks"] == 2
     assert (tmp_path / "runs" / "v" / "eval" / "seed-tasks-ja" / "summary.json").is_file()
+    choice = kaika.eval_choice(run.output_dir, "jnli", limit=3)
+    assert (
+        choice["items"] == 3
+        and choice["models"]["adapter"]["acc_ci"][0] <= choice["models"]["adapter"]["acc"]
+    )
+    assert (tmp_path / "runs" / "v" / "eval" / "jnli" / "scores_adapter.jsonl").is_file()
     merged = kaika.merge(run.output_dir, "merged", dtype="float32")
     assert merged.max_abs_diff <= merged.tolerance and "config.json" in merged.files
     with pytest.raises(KaikaError, match="unknown key"):

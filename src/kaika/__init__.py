@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     # verbs (kaika.api)
-    "train", "pretrain", "dpo", "load", "Model", "generate", "evaluate", "eval_loss", "merge", "export",
+    "train", "pretrain", "dpo", "load", "Model", "generate", "evaluate", "eval_loss", "eval_choice", "eval_suite",
+    "merge", "export",
     # configs (kaika.config)
     "TrainConfig", "PretrainConfig", "DpoConfig", "ModelArgs", "DataArgs", "LoraArgs", "TrainArgs", "GenerateArgs",
     "KaikaError",
@@ -30,13 +31,26 @@ __all__ = [
 
 # name -> the module that defines it
 _EXPORTS = {
-    **dict.fromkeys(__all__[1:11], "kaika.api"),
-    **dict.fromkeys(__all__[11:19], "kaika.config"),
+    **dict.fromkeys(__all__[1:13], "kaika.api"),
+    **dict.fromkeys(__all__[13:21], "kaika.config"),
     "KaikaError": "kaika.errors",
 }
 
 if TYPE_CHECKING:
-    from kaika.api import Model, dpo, eval_loss, evaluate, export, generate, load, merge, pretrain, train
+    from kaika.api import (
+        Model,
+        dpo,
+        eval_choice,
+        eval_loss,
+        eval_suite,
+        evaluate,
+        export,
+        generate,
+        load,
+        merge,
+        pretrain,
+        train,
+    )
     from kaika.config import (
         DataArgs,
         DpoConfig,

@@ -179,6 +179,45 @@ def eval_loss(run: PathLike, data: PathLike, **options: Any) -> dict[str, LossRe
     return run_loss(run, str(data), **options)
 
 
+def eval_choice(
+    run: PathLike, tasks: PathLike = "jcommonsenseqa", output_dir: PathLike | None = None, **options: Any
+) -> dict[str, Any]:
+    """Multiple-choice accuracy by log-likelihood (``jcommonsenseqa``, ``jnli`` or a file of
+    ``{question, choices, answer}``), base and adapter, as ``kaika eval choice`` does (``limit``,
+    ``base_also``, ``base_model``, ``dtype``); returns the summary and writes it to ``output_dir``.
+
+        >>> kaika.eval_choice("runs/x", limit=100)["models"]["adapter"]["acc"]
+    """
+    from kaika.eval.answers import default_output_dir
+    from kaika.eval.choice import eval_choice as run_choice
+
+    out = output_dir if output_dir is not None else default_output_dir(run, tasks)
+    return run_choice(run, str(tasks), out, **options)
+
+
+def eval_suite(
+    run: PathLike,
+    suite: str = "ja-standard",
+    output_dir: PathLike | None = None,
+    *,
+    judge: Any = None,
+    limit: int | None = None,
+    **sampling: Any,
+) -> Path:
+    """Every part of an evaluation suite (``ja-standard``, ``ja-quick``, ``quickstart``) with one model
+    load, as ``kaika eval suite`` does; returns the HTML report's path. Parts that failed are named in
+    it (and in ``suite.json``).
+
+        >>> kaika.eval_suite("runs/x", "ja-quick")
+    """
+    from kaika.eval.suite import default_suite_dir
+    from kaika.eval.suite import eval_suite as run_suite
+
+    out = output_dir if output_dir is not None else default_suite_dir(run, suite)
+    _, page, _ = run_suite(run, suite, out, GenerateArgs(**sampling), judge, limit=limit)
+    return page
+
+
 def merge(run: PathLike, out_dir: PathLike, **options: Any) -> MergeResult:
     """The adapter merged into its base, written as a Hugging Face checkpoint (safetensors) and checked
     against the unmerged model, as ``kaika merge`` does (``dtype``, ``max_shard_size``, ``force``)."""
