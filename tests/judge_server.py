@@ -88,3 +88,15 @@ class JudgeServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=10)
+
+
+def mt_bench_reply(prompt: str) -> tuple[int, str]:
+    """An MT-Bench judge: 7 for every first turn, 3 for every second, no rating for question 1's first
+    turn (unparseable); anything that is not an MT-Bench grading prompt is refused (400)."""
+    if "ディレクトリ内の全てのテキストファイル" in prompt and "[質問]" in prompt:
+        return 200, "よくわからない回答です。"  # question 1, turn 1: no [[N]]
+    if "Assistant A's Conversation" in prompt:
+        return 200, "The second answer is weak.\nRating: [[3]]"
+    if "[アシスタントの回答の開始]" in prompt:
+        return 200, "説明は簡潔です。評価：[[7]]"
+    return 400, "not an MT-Bench grading prompt"

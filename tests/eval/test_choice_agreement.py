@@ -107,4 +107,4 @@ def test_agrees_with_lm_eval_on_gemma_3_270m(tmp_path):
     write_local_tasks(tmp_path)
     path = builtin_model_path("gemma-3-270m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert_agree(model, AutoTokenizer.from_pretrained(path), tmp_path, {"jcommonsenseqa": 16, "jnli": 8})
+    assert_agree(model, AutoTokenizer.from_pretrained(path), tmp_path, {"jcommonsenseqa": 12, "jnli": 6})

@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 import pytest
 
 from helpers import ELYZA_TASKS, build_model, seed_records, write_jsonl
-from judge_server import JudgeServer
+from judge_server import JudgeServer, mt_bench_reply
 from kaika.cli import main
 from kaika.config import TrainConfig
 from kaika.eval import metrics
@@ -236,3 +236,49 @@ def test_eval_errors_exit_2(runs, tmp_path, capsys):
     assert "bad.jsonl, line 1: neither Alpaca form" in err
     assert main(["eval", "compare", str(tmp_path)]) == 2
     assert "has neither trainer_log.jsonl" in capsys.readouterr().err
+
+
+def test_suite_report_a_failing_judge_and_compare_of_suites(runs, capsys):
+    """ja-quick on both runs: A with a judge that answers, B with one that is down (its judged parts
+    fail and are named; everything else is kept); then the two suites compared item by item."""
+
+    def reply(prompt: str) -> tuple[int, str]:
+        return (200, "点数: 4") if "点数: N" in prompt else mt_bench_reply(prompt)
+
+    a, b = runs["run_a"] / "eval" / "suite-ja-quick", runs["run_b"] / "eval" / "suite-ja-quick"
+    args = ["eval", "suite", "--suite", "ja-quick", "--limit", "4", "--max-new-tokens", "8"]
+    with JudgeServer(reply) as server:
+        assert main([*args[:2], str(runs["run_a"]), *args[2:], "--judge", server.url]) == 0
+    with JudgeServer(lambda p: (500, "judge is down")) as down:
+        assert (
+            main([*args[:2], str(runs["run_b"]), *args[2:], "--judge", down.url, "--judge-timeout", "5"]) == 2
+        )
+    assert "2 part(s) of the suite failed: elyza-tasks-100, ja-mt-bench" in capsys.readouterr().err
+
+    parts = json.loads((a / "suite.json").read_text(encoding="utf-8"))["parts"]
+    assert [(p["name"], "error" in p) for p in parts] == [
+        ("jcommonsenseqa", False), ("jnli", False), ("elyza-tasks-100-loss", False),
+        ("elyza-tasks-100", False), ("ja-mt-bench", False)]  # fmt: skip
+    jcqa = json.loads((a / "jcommonsenseqa" / "summary.json").read_text(encoding="utf-8"))
+    assert jcqa["items"] == 4 and list(jcqa["models"]) == ["base", "adapter"]
+    report = (a / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Suite", "## Multiple choice by log-likelihood", "### JCommonsenseQA", "### JNLI",
+                    "## Evaluation: ja-mt-bench", "## Judges", "## Evaluation: elyza-tasks-100"):  # fmt: skip
+        assert heading in report, heading
+    assert "BLEU (MeCab/IPAdic morphemes" in report and "elyza-tasks-100-loss" in report
+
+    errors = {
+        p["name"]: p.get("error", "")
+        for p in json.loads((b / "suite.json").read_text(encoding="utf-8"))["parts"]
+    }
+    assert "every judge request" in errors["elyza-tasks-100"] and "judge is down" in errors["ja-mt-bench"]
+    assert not errors["jcommonsenseqa"] and (b / "jcommonsenseqa" / "summary.json").is_file()
+    assert (b / "elyza-tasks-100" / "answers_adapter.jsonl").is_file()  # the answers were kept
+    assert "failed: every judge request" in (b / "report.md").read_text(encoding="utf-8")
+
+    # kaika eval compare takes suites (and runs, whose eval/ holds them): B against A, item by item
+    out = runs["tmp"] / "suites_ab"
+    assert main(["eval", "compare", str(a), str(b), "--output-dir", str(out)]) == 0
+    both = (out / "report.md").read_text(encoding="utf-8")
+    assert "Δ acc vs base (" in both and any(v in both for v in ("within noise", "better", "worse"))
+    assert "<img" in (out / "report.html").read_text(encoding="utf-8")

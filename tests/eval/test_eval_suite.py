@@ -14,19 +14,8 @@ import sys
 import pytest
 
 from adapters import tiny_adapters  # noqa: F401  (fixture)
-from judge_server import JudgeServer
+from judge_server import JudgeServer, mt_bench_reply
 from kaika.eval.mtbench import load_questions, parse_rating
-
-
-def mt_reply(prompt: str) -> tuple[int, str]:
-    """7 for every first turn, 3 for every second; one question unparseable, one failing."""
-    if "ディレクトリ内の全てのテキストファイル" in prompt and "[質問]" in prompt:
-        return 200, "よくわからない回答です。"  # question 1, turn 1: no [[N]]
-    if "Assistant A's Conversation" in prompt:
-        return 200, "The second answer is weak.\nRating: [[3]]"
-    if "[アシスタントの回答の開始]" in prompt:
-        return 200, "説明は簡潔です。評価：[[7]]"
-    return 400, "not an MT-Bench grading prompt"
 
 
 @pytest.mark.parametrize(
@@ -55,7 +44,7 @@ def kaika(*args, cwd, check=True) -> subprocess.CompletedProcess:
 
 
 def test_mt_bench_judged_end_to_end(tmp_path, tiny_adapters):  # noqa: F811
-    with JudgeServer(mt_reply) as server:
+    with JudgeServer(mt_bench_reply) as server:
         kaika("eval", "mt-bench", str(tiny_adapters[0]), "--categories", "coding", "math", "--limit", "3",
               "--judge", server.url, "--judge-model", "mt-judge", "--max-new-tokens", "12",
               "--output-dir", "mt", cwd=tmp_path)  # fmt: skip
@@ -85,48 +74,3 @@ def test_mt_bench_judged_end_to_end(tmp_path, tiny_adapters):  # noqa: F811
     assert (m["turn_1"], m["turn_2"], m["score"]) == (7.0, 3.0, pytest.approx(23 / 5))
     assert summary["judge"]["models"]["adapter"]["judge_unparseable"] == 1
     assert "Judged by `mt-judge`" in (out / "summary.md").read_text(encoding="utf-8")
-
-
-@pytest.mark.slow
-def test_suite_report_and_a_failing_judge(tmp_path, tiny_adapters):  # noqa: F811
-    ja, en = tiny_adapters
-
-    # The judge is up for run A (ELYZA judged 1–5, MT-Bench 1–10) and refuses every request for run B.
-    def reply(prompt: str) -> tuple[int, str]:
-        if "点数: N" in prompt:
-            return 200, "点数: 4"
-        return mt_reply(prompt)
-
-    with JudgeServer(reply) as server:
-        kaika("eval", "suite", str(ja), "--suite", "ja-quick", "--limit", "4", "--max-new-tokens", "8",
-              "--judge", server.url, "--output-dir", "a", cwd=tmp_path)  # fmt: skip
-    with JudgeServer(lambda p: (500, "judge is down")) as down:
-        failed = kaika("eval", "suite", str(en), "--suite", "ja-quick", "--limit", "4", "--max-new-tokens", "8",
-                       "--judge", down.url, "--judge-timeout", "5", "--output-dir", "b", cwd=tmp_path, check=False)  # fmt: skip
-    assert failed.returncode != 0 and "part(s) failed: elyza-tasks-100, ja-mt-bench" in failed.stderr
-
-    a = json.loads((tmp_path / "a" / "suite.json").read_text(encoding="utf-8"))
-    assert [(p["name"], "error" in p) for p in a["parts"]] == [
-        ("jcommonsenseqa", False), ("jnli", False), ("elyza-tasks-100-loss", False),
-        ("elyza-tasks-100", False), ("ja-mt-bench", False)]  # fmt: skip
-    jcqa = json.loads((tmp_path / "a" / "jcommonsenseqa" / "summary.json").read_text(encoding="utf-8"))
-    assert jcqa["items"] == 4 and list(jcqa["models"]) == ["base", "adapter"]
-    report = (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
-    for heading in ("## Suite", "## Multiple choice by log-likelihood", "### JCommonsenseQA", "### JNLI",
-                    "## Evaluation: ja-mt-bench", "## Judges", "## Evaluation: elyza-tasks-100"):  # fmt: skip
-        assert heading in report, heading
-    assert "BLEU (MeCab/IPAdic morphemes" in report and "elyza-tasks-100-loss" in report
-
-    b = json.loads((tmp_path / "b" / "suite.json").read_text(encoding="utf-8"))
-    errors = {p["name"]: p.get("error", "") for p in b["parts"]}
-    assert "every judge request" in errors["elyza-tasks-100"] and "judge is down" in errors["ja-mt-bench"]
-    assert not errors["jcommonsenseqa"] and (tmp_path / "b" / "jcommonsenseqa" / "summary.json").is_file()
-    # the judged parts kept their answers, the failure is in the report
-    assert (tmp_path / "b" / "elyza-tasks-100" / "answers_adapter.jsonl").is_file()
-    assert "failed: every judge request" in (tmp_path / "b" / "report.md").read_text(encoding="utf-8")
-
-    # kaika eval compare takes suites: run B against run A item by item
-    kaika("eval", "compare", "a", "b", "--output-dir", "ab", cwd=tmp_path)
-    both = (tmp_path / "ab" / "report.md").read_text(encoding="utf-8")
-    assert "Δ acc vs base (a)" in both and ("within noise" in both or "better" in both or "worse" in both)
-    assert "<img" in (tmp_path / "ab" / "report.html").read_text(encoding="utf-8")

@@ -25,6 +25,7 @@ from kaika.config import (
     coerce,
     from_dict,
 )
+from kaika.errors import KaikaError
 
 MODEL_HELP = (
     "A kaika train output directory (or any PEFT adapter directory); a merged/full model directory, "
@@ -245,8 +246,8 @@ def run_suite(ns: argparse.Namespace) -> None:
         print(side_by_side(answered[0], ns.show) + "\n")
     print(f"report written to {md} and {page}")
     if failed:
-        raise SystemExit(
-            f"kaika eval suite: {len(failed)} part(s) failed: {', '.join(failed)} (see the report)"
+        raise KaikaError(
+            f"{len(failed)} part(s) of the suite failed: {', '.join(failed)} (named in the report)"
         )
 
 
