@@ -432,13 +432,14 @@ def summary_markdown(s: dict[str, Any]) -> str:
         "",
         f"{s['scoring']}. Chance {_pct(b['chance'])} %, majority answer {_pct(b['majority'])} %.",
         "",
-        "| model | acc % (95 % CI) | acc_norm % (95 % CI) |",
-        "|---|---:|---:|",
+        "| model | acc % (95 % CI) | acc_norm % (95 % CI) | answers by choice position, % |",
+        "|---|---:|---:|---:|",
     ]
     for name, m in s["models"].items():
         lines.append(
             f"| {name} | {_pct(m['acc'])} ({_pct(m['acc_ci'][0])}–{_pct(m['acc_ci'][1])}) "
-            f"| {_pct(m['acc_norm'])} ({_pct(m['acc_norm_ci'][0])}–{_pct(m['acc_norm_ci'][1])}) |"
+            f"| {_pct(m['acc_norm'])} ({_pct(m['acc_norm_ci'][0])}–{_pct(m['acc_norm_ci'][1])}) "
+            f"| {' / '.join(f'{100 * x:.0f}' for x in m['answer_shares'])} |"
         )
     for key, label in (("correct", "acc"), ("correct_norm", "acc_norm")):
         d = s.get("difference", {}).get(key)

@@ -336,6 +336,7 @@ def choice_table(runs: list[Run], task: str) -> Table:
             label,
             f"{_pct(m['acc'])} ({_pct(m['acc_ci'][0])}–{_pct(m['acc_ci'][1])})",
             f"{_pct(m['acc_norm'])} ({_pct(m['acc_norm_ci'][0])}–{_pct(m['acc_norm_ci'][1])})",
+            " / ".join(f"{100 * x:.0f}" for x in m["answer_shares"]),
             delta,
         ])  # fmt: skip
     b = summary["baselines"]
@@ -343,7 +344,13 @@ def choice_table(runs: list[Run], task: str) -> Table:
         f"{summary['items']} items, {summary['scoring']}; 95 % Wilson intervals; Δ: paired bootstrap "
         f"against {cols[0][0]}. Chance {_pct(b['chance'])} %, majority answer {_pct(b['majority'])} %."
     )
-    head = ["model", "acc %", "acc_norm %", f"Δ acc vs {cols[0][0]} (points, 95 % CI)"]
+    head = [
+        "model",
+        "acc %",
+        "acc_norm %",
+        "answers by position, %",
+        f"Δ acc vs {cols[0][0]} (points, 95 % CI)",
+    ]
     return Table(f"{summary.get('title', task)} ({task})", head, rows, note)
 
 
