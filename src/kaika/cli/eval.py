@@ -65,7 +65,7 @@ def add_choice(sub) -> None:
         description="Score multiple-choice and classification items without generating: each choice's "
         "summed token log-likelihood after a fixed Japanese prompt, as lm-evaluation-harness scores "
         "multiple_choice tasks (acc; acc_norm divides by the choice's length in characters). Accuracy "
-        "with a 95%% Wilson interval per model, and a paired bootstrap interval of adapter minus base.",
+        "with a 95 % Wilson interval per model, and a paired bootstrap interval of adapter minus base.",
     )
     choice.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
     add_dataclass_args(choice, EvalChoiceOptions, keep_defaults=True)
