@@ -205,7 +205,10 @@ def test_compare_report_is_self_contained(runs, capsys):
     parser.feed(page)
     # Self-contained: every reference is inline data, nothing points to the network or to files.
     assert parser.refs and all(r.startswith("data:") for r in parser.refs), parser.refs
-    assert "http://" not in page and "https://" not in page and "url(" not in page and "@import" not in page
+    # (the judge's address is shown as text in the Judges table: what graded what, not a reference)
+    judged = json.loads((runs["run_a"] / "eval" / "elyza" / "summary.json").read_text(encoding="utf-8"))
+    text = page.replace(judged["judge"]["url"], "") if "judge" in judged else page
+    assert "http://" not in text and "https://" not in text and "url(" not in text and "@import" not in text
     assert len(parser.images) == 3  # loss curves, metric bars, per-task deltas
     for src in parser.images:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
