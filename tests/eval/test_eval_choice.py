@@ -17,7 +17,7 @@ from helpers import build_model, run_kaika, write_jsonl
 from kaika.data.problems import DataError
 from kaika.eval.choice import (
     choice_logliks,
-    encode_pair,
+    encode_choices,
     load_task_set,
     paired_difference,
     score_items,
@@ -42,19 +42,17 @@ def test_shared_prompt_cache_equals_full_forward(kind, tmp_path, ja_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(build_model(kind, ja_tokenizer, tmp_path / kind)).eval()
     items = load_task_set("jcommonsenseqa").items[:2] + load_task_set("jnli").items[:2]
     for item in items:
-        pairs = [encode_pair(ja_tokenizer, item.context, "\n" + c) for c in item.choices]
-        assert len({tuple(p[0]) for p in pairs}) == 1
-        conts = [p[1] for p in pairs]
+        ctx, conts = encode_choices(ja_tokenizer, item.context, ["\n" + c for c in item.choices])
         assert len({len(c) for c in conts}) > 1, "choices of different lengths exercise the padding"
-        got = choice_logliks(model, pairs[0][0], conts)
-        assert got == pytest.approx(full_forward_logliks(model, pairs[0][0], conts), abs=2e-5)
+        got = choice_logliks(model, ctx, conts)
+        assert got == pytest.approx(full_forward_logliks(model, ctx, conts), abs=2e-5)
 
 
-def test_encode_pair_follows_lm_eval(ja_tokenizer):
-    ctx, cont = encode_pair(ja_tokenizer, "質問：空の色は？ ", "\n青")
-    whole = ja_tokenizer.encode("質問：空の色は？ \n青")
-    assert ctx == ja_tokenizer.encode("質問：空の色は？")  # the trailing space moved to the continuation
-    assert ctx + cont == whole
+def test_encode_choices_follows_lm_eval(ja_tokenizer):
+    ctx, conts = encode_choices(ja_tokenizer, "質問：空の色は？ ", ["\n青", "\n赤い"])
+    assert ctx == ja_tokenizer.encode("質問：空の色は？")  # the trailing space moved to the continuations
+    for cont, choice in zip(conts, ["\n青", "\n赤い"], strict=True):
+        assert ctx + cont == ja_tokenizer.encode("質問：空の色は？ " + choice)
 
 
 def test_builtin_task_sets():
@@ -134,7 +132,7 @@ def test_cli_base_vs_adapter(tmp_path, tiny_adapters):  # noqa: F811
     out = run_kaika(
         "eval", "choice", str(tiny_adapters[0]), "--tasks", str(mine), "--output-dir", "o", cwd=tmp_path
     )
-    assert "adapter − base, acc:" in out
+    assert "adapter − base, acc, points (95 % paired bootstrap): **" in out
     summary = json.loads((tmp_path / "o" / "summary.json").read_text(encoding="utf-8"))
     assert (
         summary["kind"] == "choice"

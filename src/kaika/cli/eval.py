@@ -43,85 +43,78 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     add_compare(sub)
 
 
+def model_command(sub, name: str, options, run, help: str, description: str, template: bool = True,
+                  answers: bool = False) -> argparse.ArgumentParser:  # fmt: skip
+    """An eval subcommand on one model: ADAPTER_OR_MODEL, its options, the inference overrides, and for
+    the ones that generate, the judge and decoding options."""
+    cmd = sub.add_parser(name, help=help, description=description)
+    cmd.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
+    add_dataclass_args(cmd, options, keep_defaults=True)
+    add_inference_args(cmd, template=template)
+    if answers:
+        add_judge_args(cmd)
+        add_generate_args(cmd)
+    cmd.set_defaults(eval_run=run)
+    return cmd
+
+
 def add_loss(sub) -> None:
-    loss = sub.add_parser(
-        "loss",
-        help="Supervised-token loss and perplexity on held-out data, base vs adapter.",
-        description="Loss and perplexity over the supervised (response + EOS) tokens of held-out "
-        "instruction data, encoded with the run's own template, cutoff_len and masking. The loss is "
-        "summed over all supervised tokens and divided by their count (independent of batch size).",
-    )
-    loss.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
-    add_dataclass_args(loss, EvalLossOptions, keep_defaults=True)
+    loss = model_command(
+        sub, "loss", EvalLossOptions, run_loss,
+        "Supervised-token loss and perplexity on held-out data, base vs adapter.",
+        "Loss and perplexity over the supervised (response + EOS) tokens of held-out instruction data, "
+        "encoded with the run's own template, cutoff_len and masking. The loss is summed over all "
+        "supervised tokens and divided by their count (independent of batch size).",
+    )  # fmt: skip
     add_field_arg(loss, DataArgs, "cutoff_len", "Override the run's cutoff_len", None)
-    add_inference_args(loss, template=True)
-    loss.set_defaults(eval_run=run_loss)
 
 
 def add_choice(sub) -> None:
-    choice = sub.add_parser(
-        "choice",
-        help="Multiple-choice tasks by log-likelihood (JCommonsenseQA, JNLI, your own), base vs adapter.",
-        description="Score multiple-choice and classification items without generating: each choice's "
-        "summed token log-likelihood after a fixed Japanese prompt, as lm-evaluation-harness scores "
-        "multiple_choice tasks (acc; acc_norm divides by the choice's length in characters). Accuracy "
-        "with a 95 % Wilson interval per model, and a paired bootstrap interval of adapter minus base.",
-    )
-    choice.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
-    add_dataclass_args(choice, EvalChoiceOptions, keep_defaults=True)
-    add_inference_args(choice)
-    choice.set_defaults(eval_run=run_choice)
+    model_command(
+        sub, "choice", EvalChoiceOptions, run_choice,
+        "Multiple-choice tasks by log-likelihood (JCommonsenseQA, JNLI, your own), base vs adapter.",
+        "Score multiple-choice and classification items without generating: each choice's summed token "
+        "log-likelihood after a fixed Japanese prompt, as lm-evaluation-harness scores multiple_choice "
+        "tasks (acc; acc_norm divides by the choice's length in characters). Accuracy with a 95 % Wilson "
+        "interval per model, and a paired bootstrap interval of adapter minus base.",
+        template=False,
+    )  # fmt: skip
 
 
 def add_generate(sub) -> None:
-    gen = sub.add_parser(
-        "generate",
-        help="Answer an evaluation set (Alpaca or ELYZA-tasks-100 form) and score the answers.",
-        description="Answer every task with the base model and the tuned model, write the answers as "
-        "JSONL and score them against the reference: character chrF, character ROUGE-L, stop rate, "
+    model_command(
+        sub, "generate", EvalGenerateOptions, run_generate,
+        "Answer an evaluation set (Alpaca or ELYZA-tasks-100 form) and score the answers.",
+        "Answer every task with the base model and the tuned model, write the answers as JSONL and score "
+        "them against the reference: character chrF and ROUGE-L, morpheme BLEU and ROUGE-L, stop rate, "
         "repetition rate, Japanese-character ratio, length ratio; optionally an LLM judge (1–5).",
-    )
-    gen.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
-    add_dataclass_args(gen, EvalGenerateOptions, keep_defaults=True)
-    add_inference_args(gen, template=True)
-    add_judge_args(gen)
-    add_generate_args(gen)
-    gen.set_defaults(eval_run=run_generate)
+        answers=True,
+    )  # fmt: skip
 
 
 def add_mt_bench(sub) -> None:
-    mt = sub.add_parser(
-        "mt-bench",
-        help="Japanese MT-Bench: 80 two-turn questions answered in the run's template, judged 1-10.",
-        description="Answer Japanese MT-Bench's 80 questions (8 categories) as two-turn conversations in "
-        "the run's template, base and adapter, and with --judge grade each turn by MT-Bench's "
-        "single-answer prompts (Japanese for turn 1, the English multi-turn ones for turn 2; math, "
-        "reasoning and coding against the GPT-4 reference answers) on any OpenAI-compatible endpoint.",
-    )
-    mt.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
-    add_dataclass_args(mt, MTBenchOptions, keep_defaults=True)
-    add_inference_args(mt, template=True)
-    add_judge_args(mt)
-    add_generate_args(mt)
-    mt.set_defaults(eval_run=run_mt_bench)
+    model_command(
+        sub, "mt-bench", MTBenchOptions, run_mt_bench,
+        "Japanese MT-Bench: 80 two-turn questions answered in the run's template, judged 1-10.",
+        "Answer Japanese MT-Bench's 80 questions (8 categories) as two-turn conversations in the run's "
+        "template, base and adapter, and with --judge grade each turn by MT-Bench's single-answer prompts "
+        "(Japanese for turn 1, the English multi-turn ones for turn 2; math, reasoning and coding against "
+        "the GPT-4 reference answers) on any OpenAI-compatible endpoint.",
+        answers=True,
+    )  # fmt: skip
 
 
 def add_suite(sub) -> None:
-    suite = sub.add_parser(
-        "suite",
-        help="Run a Japanese evaluation suite and write one report (Markdown + HTML).",
-        description="Run every part of a suite on a run, base vs adapter in one model load: "
-        "JCommonsenseQA and JNLI by log-likelihood, the ELYZA-tasks-100 loss and answers (character and "
-        "morpheme metrics), and with --judge the judged sets (ELYZA-tasks-100 1-5, Japanese MT-Bench "
-        "1-10). One report, ADAPTER/eval/suite-<suite>/report.md and report.html. A part that fails is "
-        "named in the report; the others are kept.",
-    )
-    suite.add_argument("model", metavar="ADAPTER_OR_MODEL", help=MODEL_HELP)
-    add_dataclass_args(suite, SuiteOptions, keep_defaults=True)
-    add_inference_args(suite, template=True)
-    add_judge_args(suite)
-    add_generate_args(suite)
-    suite.set_defaults(eval_run=run_suite)
+    model_command(
+        sub, "suite", SuiteOptions, run_suite,
+        "Run a Japanese evaluation suite and write one report (Markdown + HTML).",
+        "Run every part of a suite on a run, base vs adapter in one model load: JCommonsenseQA and JNLI by "
+        "log-likelihood, the ELYZA-tasks-100 loss and answers (character and morpheme metrics), and with "
+        "--judge the judged sets (ELYZA-tasks-100 1-5, Japanese MT-Bench 1-10). One report, "
+        "ADAPTER/eval/suite-<suite>/report.md and report.html. A part that fails is named in the report; "
+        "the others are kept.",
+        answers=True,
+    )  # fmt: skip
 
 
 def add_judge_args(gen: argparse.ArgumentParser) -> None:

@@ -164,9 +164,11 @@ def read_item(spec: TaskSpec, rec: Any, where: str, source: str, problems: list[
     answer = _answer(spec, rec, choices, where, source, problems)
     if answer is None:
         return None
+    import jinja2
+
     try:
         prompt = _template(spec.prompt).render({**rec, "choices": choices})
-    except Exception as e:  # a field the prompt names is missing or of the wrong kind
+    except (jinja2.TemplateError, TypeError) as e:  # a field the prompt names is missing or of the wrong kind
         problems.append(Problem(source, where, None, f"the {spec.name} prompt cannot be built: {e}"))
         return None
     ident = str(rec.get(spec.id_field, where)) if spec.id_field else where
@@ -204,15 +206,14 @@ def load_task_set(name_or_file: str | Path) -> TaskSet:
 # --------------------------------------------------------------------------- scoring
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split: trailing whitespace of the context moves to the continuation; the continuation's
-    tokens are what encoding context + continuation adds after the context's own encoding."""
+def encode_choices(tokenizer, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """lm-eval's split: trailing whitespace of the context moves to the continuations; a continuation's
+    tokens are what encoding context + continuation adds after the context's own encoding (which is
+    made once: it does not depend on the continuation)."""
     spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx) :]
+    head = context[:-spaces] if spaces else context
+    ctx = tokenizer.encode(head)
+    return ctx, [tokenizer.encode(context + c)[len(ctx) :] for c in continuations]
 
 
 def _forward_params(model) -> set[str]:
@@ -268,17 +269,15 @@ def choice_logliks(model, context: list[int], continuations: list[list[int]]) ->
 
 
 def score_item(model, tokenizer, item: Item, delimiter: str) -> dict[str, Any]:
-    pairs = [encode_pair(tokenizer, item.context, delimiter + c) for c in item.choices]
-    contexts = {tuple(p[0]) for p in pairs}
-    assert len(contexts) == 1, "the context is encoded alone, so it is the same for every choice"
-    ll = choice_logliks(model, pairs[0][0], [p[1] for p in pairs])
+    ctx, conts = encode_choices(tokenizer, item.context, [delimiter + c for c in item.choices])
+    ll = choice_logliks(model, ctx, conts)
     norm = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
     pred, pred_norm = max(range(len(ll)), key=ll.__getitem__), max(range(len(norm)), key=norm.__getitem__)
     return {
         "id": item.id,
         "answer": item.answer,
         "loglik": ll,
-        "tokens": [len(p[1]) for p in pairs],
+        "tokens": [len(c) for c in conts],
         "pred": pred,
         "pred_norm": pred_norm,
         "correct": pred == item.answer,
@@ -371,6 +370,7 @@ def eval_choice(
     """Score a task set with each model variant (base with the adapter switched off, then the adapter)
     in one model load; write ``scores_<variant>.jsonl``, ``summary.json`` and ``summary.md``."""
     from kaika.atomic import staged_output
+    from kaika.eval.answers import write_jsonl
     from kaika.eval.loss import load_subject, variants
     from kaika.guard import DirLock
 
@@ -403,7 +403,7 @@ def eval_choice(
                 rows[name] = score_items(
                     subject.model, subject.tokenizer, task_set, f"{task_set.name} ({name})"
                 )
-            _write_jsonl(stage / SCORES_FILE.format(name), rows[name])
+            write_jsonl(stage / SCORES_FILE.format(name), rows[name])
             n_choices = max(len(i.choices) for i in task_set.items)
             summary["models"][name] = asdict(summarize(rows[name], n_choices))
         if "base" in rows and "adapter" in rows:
@@ -416,12 +416,29 @@ def eval_choice(
     return summary
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
+
+
+def accuracy_cell(m: dict[str, Any], key: str = "acc") -> str:
+    """``34.0 (27.8–40.8)``: an accuracy in percent with its interval."""
+    lo, hi = m[f"{key}_ci"]
+    return f"{_pct(m[key])} ({_pct(lo)}–{_pct(hi)})"
+
+
+def shares_cell(m: dict[str, Any]) -> str:
+    """How often each choice position was the answer, in percent: ``54 / 19 / 12 / 8 / 8``."""
+    return " / ".join(f"{100 * x:.0f}" for x in m["answer_shares"])
+
+
+def difference_text(d: dict[str, Any]) -> str:
+    """``-6.5 (-12.5 to -1.0) worse``: points, the paired interval, and what it says."""
+    verdict = "within noise" if d["within_noise"] else ("better" if d["delta"] > 0 else "worse")
+    return f"{100 * d['delta']:+.1f} ({100 * d['ci'][0]:+.1f} to {100 * d['ci'][1]:+.1f}) {verdict}"
+
+
+def baselines_text(b: dict[str, float]) -> str:
+    return f"Chance {_pct(b['chance'])} %, majority answer {_pct(b['majority'])} %."
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
@@ -430,23 +447,17 @@ def summary_markdown(s: dict[str, Any]) -> str:
     lines = [
         f"### {s['title']} ({s['items']} items)",
         "",
-        f"{s['scoring']}. Chance {_pct(b['chance'])} %, majority answer {_pct(b['majority'])} %.",
+        f"{s['scoring']}. {baselines_text(b)}",
         "",
         "| model | acc % (95 % CI) | acc_norm % (95 % CI) | answers by choice position, % |",
         "|---|---:|---:|---:|",
     ]
     for name, m in s["models"].items():
-        lines.append(
-            f"| {name} | {_pct(m['acc'])} ({_pct(m['acc_ci'][0])}–{_pct(m['acc_ci'][1])}) "
-            f"| {_pct(m['acc_norm'])} ({_pct(m['acc_norm_ci'][0])}–{_pct(m['acc_norm_ci'][1])}) "
-            f"| {' / '.join(f'{100 * x:.0f}' for x in m['answer_shares'])} |"
-        )
+        lines.append(f"| {name} | {accuracy_cell(m)} | {accuracy_cell(m, 'acc_norm')} | {shares_cell(m)} |")
     for key, label in (("correct", "acc"), ("correct_norm", "acc_norm")):
         d = s.get("difference", {}).get(key)
         if d:
-            verdict = "within noise" if d["within_noise"] else ("better" if d["delta"] > 0 else "worse")
             lines.append(
-                f"\nadapter − base, {label}: {100 * d['delta']:+.1f} points "
-                f"(95 % paired bootstrap {100 * d['ci'][0]:+.1f} to {100 * d['ci'][1]:+.1f}): **{verdict}**"
+                f"\nadapter − base, {label}, points (95 % paired bootstrap): **{difference_text(d)}**"
             )
     return "\n".join(lines) + "\n"

@@ -98,14 +98,16 @@ class _CharTokenizer:
 
 
 @cache
-def _rouge():
+def _rouge(unit: str):
+    """rouge-score's ROUGE-L on ``unit``s: characters, or MeCab morphemes (UniDic-lite)."""
     rouge_scorer = _require("rouge_score.rouge_scorer")
-    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
+    tokenizer = _CharTokenizer() if unit == "characters" else _MorphemeTokenizer()
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizer)
 
 
 def rouge_l(answer: str, reference: str) -> float:
     """Character ROUGE-L F-measure (0–1): longest common subsequence of characters."""
-    return float(_rouge().score(reference, answer)["rougeL"].fmeasure)
+    return float(_rouge("characters").score(reference, answer)["rougeL"].fmeasure)
 
 
 @cache
@@ -141,15 +143,9 @@ class _MorphemeTokenizer:
         return [w.surface for w in _tagger()(_nfkc(text))]
 
 
-@cache
-def _rouge_morph():
-    rouge_scorer = _require("rouge_score.rouge_scorer")
-    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_MorphemeTokenizer())
-
-
 def rouge_l_morph(answer: str, reference: str) -> float:
     """ROUGE-L F-measure (0–1) over MeCab morphemes (UniDic-lite)."""
-    return float(_rouge_morph().score(reference, answer)["rougeL"].fmeasure)
+    return float(_rouge("morphemes").score(reference, answer)["rougeL"].fmeasure)
 
 
 def morpheme_tokenizers() -> dict[str, str]:

@@ -20,7 +20,9 @@ import json
 import logging
 import re
 import unicodedata
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ def _asset_lines(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+@cache
 def judge_prompts() -> dict[str, dict]:
     """The four single-answer prompts by name: Japanese for turn 1, English multi-turn for turn 2."""
     ja = {p["name"]: p for p in _asset_lines("judge_ja_prompts.jsonl")}
@@ -63,11 +66,13 @@ def load_questions(
         if not categories or q["category"] in categories
     ]
     if per_category:
-        taken: dict[str, int] = {}
+        taken: Counter[str] = Counter()
+        kept = []
         for q in questions:
-            taken[q["category"]] = taken.get(q["category"], 0) + 1
-            q["keep"] = taken[q["category"]] <= per_category
-        questions = [{k: v for k, v in q.items() if k != "keep"} for q in questions if q["keep"]]
+            taken[q["category"]] += 1
+            if taken[q["category"]] <= per_category:
+                kept.append(q)
+        questions = kept
     return questions[:limit] if limit else questions
 
 
@@ -237,6 +242,7 @@ def eval_mt_bench(
     """Answer (both turns) with each variant, judge when a judge is given, write and return the summary.
     When every judge request fails the answers are still written, and the error is raised after."""
     from kaika.atomic import staged_output
+    from kaika.eval.answers import write_jsonl
     from kaika.eval.loss import load_subject, variants
     from kaika.guard import DirLock
 
@@ -267,9 +273,7 @@ def eval_mt_bench(
         if judge is not None:
             summary["judge"] = judge_answers(judge, rows, stage)
         for name, r in rows.items():
-            (stage / f"answers_{name}.jsonl").write_text(
-                "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r), encoding="utf-8"
-            )
+            write_jsonl(stage / f"answers_{name}.jsonl", r)
             summary["models"][name] = scores_summary(r)
         (stage / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", "utf-8")
         (stage / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")

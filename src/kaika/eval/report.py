@@ -294,10 +294,6 @@ def delta_table(task_set: str, found) -> Table:
     return Table(f"Per-task Δ {metric} on {task_set}", ["task", "instruction", *labels], rows)
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
-
-
 def choice_columns(runs: list[Run], task: str) -> list[tuple[str, dict, list[dict]]]:
     """(label, model summary, per-item rows): the first run's base, then every run's tuned model."""
     cols = []
@@ -319,7 +315,13 @@ def choice_columns(runs: list[Run], task: str) -> list[tuple[str, dict, list[dic
 def choice_table(runs: list[Run], task: str) -> Table:
     """Accuracy with its Wilson interval per model, and each model minus the first column on the same
     items with a paired bootstrap interval: "within noise" when it holds 0."""
-    from kaika.eval.choice import paired_difference
+    from kaika.eval.choice import (
+        accuracy_cell,
+        baselines_text,
+        difference_text,
+        paired_difference,
+        shares_cell,
+    )
 
     cols = choice_columns(runs, task)
     summary = next(r.choices[task]["summary"] for r in runs if task in r.choices)
@@ -330,19 +332,11 @@ def choice_table(runs: list[Run], task: str) -> Table:
         same = items and first_rows and [x["id"] for x in items] == [x["id"] for x in first_rows]
         if j and same:
             d = paired_difference([x["correct"] for x in first_rows], [x["correct"] for x in items])
-            verdict = "within noise" if d["within_noise"] else ("better" if d["delta"] > 0 else "worse")
-            delta = f"{100 * d['delta']:+.1f} ({100 * d['ci'][0]:+.1f} to {100 * d['ci'][1]:+.1f}) {verdict}"
-        rows.append([
-            label,
-            f"{_pct(m['acc'])} ({_pct(m['acc_ci'][0])}–{_pct(m['acc_ci'][1])})",
-            f"{_pct(m['acc_norm'])} ({_pct(m['acc_norm_ci'][0])}–{_pct(m['acc_norm_ci'][1])})",
-            " / ".join(f"{100 * x:.0f}" for x in m["answer_shares"]),
-            delta,
-        ])  # fmt: skip
-    b = summary["baselines"]
+            delta = difference_text(d)
+        rows.append([label, accuracy_cell(m), accuracy_cell(m, "acc_norm"), shares_cell(m), delta])
     note = (
         f"{summary['items']} items, {summary['scoring']}; 95 % Wilson intervals; Δ: paired bootstrap "
-        f"against {cols[0][0]}. Chance {_pct(b['chance'])} %, majority answer {_pct(b['majority'])} %."
+        f"against {cols[0][0]}. {baselines_text(summary['baselines'])}"
     )
     head = [
         "model",

@@ -104,7 +104,6 @@ def generation_config(args: GenerateArgs, tokenizer, stops: list[int] | None = N
     )
 
 
-@torch.no_grad()
 def generate_batch(
     loaded: Loaded, records: list[dict[str, str]], args: GenerateArgs, streamer: Any = None
 ) -> list[Generation]:
