@@ -30,6 +30,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "8bit", "4bit"]
 Attention = Literal["sdpa", "eager"]
 LoraBias = Literal["none", "all", "lora_only"]
+LoraVariant = Literal["lora", "dora", "rslora"]
+LoraInit = Literal["default", "pissa", "olora", "gaussian"]
 # transformers' schedules that need no extra arguments (cosine_with_min_lr, warmup_stable_decay and
 # reduce_lr_on_plateau do); tests/test_config.py builds each one.
 Scheduler = Literal[
@@ -218,6 +220,24 @@ class LoraArgs(Checked):
         ["fused"],
         "Fused q/k/v projections (BLOOM query_key_value, GPT-2 c_attn, GPT-NeoX): fused (one LoRA "
         "shared by q, k and v) or the slices to adapt, each with its own rank-r LoRA, e.g. q,v.",
+    )
+    variant: LoraVariant = option(
+        "lora",
+        "lora (update scaled by alpha / r), rslora (scaled by alpha / sqrt(r): steadier at high rank) or "
+        "dora (weight-decomposed: a trained magnitude per output row; slower steps).",
+    )
+    init: LoraInit = option(
+        "default",
+        "How the adapter starts (peft's init_lora_weights): default (A random, B zero), gaussian, pissa (the "
+        "base's top-r singular vectors; the base keeps the residual) or olora (from a QR of the base). "
+        "pissa/olora adapters are saved converted to a plain LoRA of rank 2r on the unmodified base.",
+    )
+    loraplus_lr_ratio: float = option(
+        0.0,
+        "LoRA+: train LoRA B (and DoRA magnitudes) at this multiple of --lr, A at --lr (the LoRA+ paper "
+        "suggests 16); 0: off.",
+        flag="--loraplus-lr-ratio",
+        ge=0,
     )
 
 

@@ -45,7 +45,7 @@ KAIKA_NAMES = {
     "chat_template.jinja", "trainer_log.jsonl", "sweep_result.json", "eval", "config.json",
     "generation_config.json", "model.safetensors", "model.safetensors.index.json", "runs", "results.csv",
     "results.md", "results.json", "sweep.png", "stops.md", "tokenizer.model", "vocab.json", "merges.txt",
-    "base_fingerprint.json",
+    "base_fingerprint.json", "lora_init",
 }  # fmt: skip
 KAIKA_FILE_PREFIXES = ("model-0",)  # model-00001-of-00002.safetensors
 

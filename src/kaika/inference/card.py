@@ -207,7 +207,8 @@ def card_body(cfg: TrainConfig, template: Template, source: Path, check: Check) 
         "## Training data\n\n" + data_section(cfg, source),
         (
             "## Training configuration\n\n"
-            f"LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets {', '.join(lora.target)}; "
+            f"{lora_words(lora)} r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets "
+            f"{', '.join(lora.target)}; "
             f"{train.epochs:g} epochs (max_steps {train.max_steps}), lr {train.lr:g}, global batch "
             f"{train.batch_size}, micro batch {train.micro_batch_size}, cutoff_len {cfg.data.cutoff_len}, seed "
             f"{train.seed}; train_on_inputs={cfg.data.train_on_inputs}. The full resolved config is in "
@@ -342,3 +343,14 @@ def results_section(source: Path) -> str:
 
 def fmt(value) -> str:
     return "" if value is None else f"{value:.4g}"
+
+
+def lora_words(lora) -> str:
+    """"LoRA", or the variant and init ("DoRA", "LoRA (PiSSA init, saved as a plain LoRA of rank 2r)")."""
+    from kaika.modeling.lora import describe, mutates_base
+
+    words = describe(lora)
+    if mutates_base(lora):
+        words += f" (saved converted to a plain LoRA of rank {2 * lora.r} on the unmodified base)"
+    return words
+

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
 from kaika.config import LoraArgs
 from kaika.errors import KaikaError
+from kaika.modeling.initial import INITIAL_ATTR
 from kaika.modeling.load import one_cpu_packing
 from kaika.modeling.qkv import apply_slice_masks, lora_shape, parse_slices
 
@@ -83,19 +85,77 @@ def resolve_targets(args: LoraArgs, model_type: str, module_names: set[str] | No
     return names
 
 
+# --lora-init → peft's init_lora_weights. PiSSA by exact SVD (not peft's randomised "pissa_niter_N"):
+# the same base gives the same initial adapter on every process and on a resume.
+PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# Inits that move part of each adapted base weight into the adapter (the base keeps W - scale·B₀A₀).
+MUTATING_INITS = ("pissa", "olora")
+
+
+def mutates_base(args: LoraArgs) -> bool:
+    return args.init in MUTATING_INITS
+
+
+def check_lora_choices(args: LoraArgs, quantization: str, sharded: bool, command: str) -> None:
+    """The combinations of --lora-variant, --lora-init, --loraplus-lr-ratio and the rest that kaika
+    cannot train or save correctly, refused before anything loads, naming both sides."""
+    init = f"--lora-init {args.init}"
+    slices = parse_slices(args.qkv)
+    if slices and args.variant == "dora":
+        raise KaikaError(
+            f"--lora-variant dora with --lora-qkv {','.join(slices)}: DoRA trains a magnitude for every output "
+            "row of the fused projection, so the slices left out would change too. Use --lora-qkv fused, or "
+            "--lora-variant lora/rslora"
+        )
+    if not mutates_base(args):
+        return
+    if args.variant == "dora":
+        raise KaikaError(
+            f"{init} with --lora-variant dora: the saved adapter is converted to a plain LoRA on the unmodified "
+            "base, and that conversion has no place for DoRA's magnitudes. Use --lora-init default or gaussian "
+            "with DoRA"
+        )
+    if slices:
+        raise KaikaError(
+            f"{init} with --lora-qkv {','.join(slices)}: {args.init} starts from a factorisation of the whole "
+            "fused weight, which the slice masks would cut. Use --lora-qkv fused, or --lora-init default"
+        )
+    if quantization != "none":
+        raise KaikaError(
+            f"{init} with --quantization {quantization}: {args.init} rewrites the base weights it adapts, which "
+            "a quantized base cannot hold exactly (the saved adapter would not reproduce the trained model). "
+            "Train with --lora-init default on a quantized base, or drop --quantization"
+        )
+    if sharded:
+        raise KaikaError(
+            f"{init} under FSDP or DeepSpeed ZeRO-3: the adapter's conversion at save needs whole tensors "
+            "of the initial adapter on one process. Use DDP (configs/accelerate/ddp.yaml) or --lora-init default"
+        )
+    if command == "dpo":
+        raise KaikaError(
+            f"{init} with kaika dpo: the reference model is the base with the adapter switched off, and "
+            f"{args.init} has moved part of the base into the adapter, so the reference would not be the base. "
+            "Use --lora-init default (or start from an SFT run with --from, which is saved as a plain LoRA)"
+        )
+
+
 def peft_config(args: LoraArgs, model_type: str, module_names: set[str] | None = None):
     from peft import LoraConfig, TaskType
 
     targets = resolve_targets(args, model_type, module_names)
     slices = parse_slices(args.qkv)
+    rslora = args.variant == "rslora"
     shape = {"r": args.r, "lora_alpha": args.alpha}
     if slices:  # q/k/v slices: rank r × slices on the fused module, see kaika.modeling.qkv
-        shape = lora_shape(slices, args.r, args.alpha, model_type, targets)
+        shape = lora_shape(slices, args.r, args.alpha, model_type, targets, rslora)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         lora_dropout=args.dropout,
         bias=args.bias,
         target_modules=targets,
+        use_dora=args.variant == "dora",
+        use_rslora=rslora,
+        init_lora_weights=PEFT_INIT[args.init],
         **shape,
     )
 
@@ -150,12 +210,17 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
         config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules),
     )
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PiSSA/OLoRA: peft advises converting the adapter to a plain LoRA, which the save does
+            warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
+            peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise KaikaError(
             f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
             f"{', '.join(sorted(names)) or 'none found'}"
         ) from None
+    if mutates_base(args):  # kept to convert the saved adapter to one on the unmodified base
+        setattr(peft_model, INITIAL_ATTR, initial_adapter(peft_model))
     if mixed_precision:
         trained_in_float32(peft_model)
     slices = parse_slices(args.qkv)
@@ -163,7 +228,8 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
     trainable, total = peft_model.get_nb_trainable_parameters()
     trainable -= held  # entries a slice mask holds at zero are stored but never trained
     log.info(
-        "LoRA on %s%s: %s trainable parameters of %s (%.3f%%)",
+        "%s on %s%s: %s trainable parameters of %s (%.3f%%)",
+        describe(args),
         adapted_summary(peft_model),
         f" (q/k/v slices {','.join(slices)}, rank {args.r} each)" if slices else "",
         f"{trainable:,}",
@@ -171,6 +237,24 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
         100 * trainable / total,
     )
     return peft_model
+
+
+def describe(args: LoraArgs) -> str:
+    """"LoRA", "DoRA, PiSSA init, LoRA+ ×16": the variant and what differs from plain LoRA."""
+    parts = [{"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}[args.variant]]
+    if args.init != "default":
+        parts.append({"pissa": "PiSSA", "olora": "OLoRA", "gaussian": "Gaussian"}[args.init] + " init")
+    if args.loraplus_lr_ratio:
+        parts.append(f"LoRA+ ×{args.loraplus_lr_ratio:g}")
+    return ", ".join(parts)
+
+
+def initial_adapter(peft_model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as initialised (peft's names, on the CPU): what PiSSA/OLoRA took out of
+    the base, which the saved adapter subtracts again to apply to the unmodified base."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def trained_in_float32(model) -> None:

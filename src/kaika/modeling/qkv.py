@@ -96,7 +96,12 @@ def fused_alpha(alpha: float, n_slices: int, use_rslora: bool = False) -> float:
 
 
 def lora_shape(
-    slices: tuple[str, ...], r: int, alpha: float, model_type: str, targets: list[str] | str
+    slices: tuple[str, ...],
+    r: int,
+    alpha: float,
+    model_type: str,
+    targets: list[str] | str,
+    use_rslora: bool = False,
 ) -> dict[str, object]:
     """LoraConfig fields that give the fused module rank r·n and alpha so each slice scales by alpha / r.
 
@@ -112,12 +117,12 @@ def lora_shape(
         )
     n = len(slices)
     if targets == [layout.module]:
-        return {"r": r * n, "lora_alpha": fused_alpha(alpha, n)}
+        return {"r": r * n, "lora_alpha": fused_alpha(alpha, n, use_rslora)}
     return {
         "r": r,
         "lora_alpha": alpha,
         "rank_pattern": {layout.module: r * n},
-        "alpha_pattern": {layout.module: fused_alpha(alpha, n)},
+        "alpha_pattern": {layout.module: fused_alpha(alpha, n, use_rslora)},
     }
 
 

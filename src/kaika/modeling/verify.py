@@ -206,6 +206,51 @@ def _reloaded_reproduces(adapter_dir, memory, model_args, source, batch, device:
     )
 
 
+@torch.no_grad()
+def verify_converted_adapter(
+    adapter_dir: Path,
+    trained,
+    initial: dict[str, torch.Tensor],
+    model_args: ModelArgs,
+    source: ModelSource,
+) -> float:
+    """A PiSSA/OLoRA adapter saved converted (:mod:`kaika.modeling.initial`): its tensors are not the
+    ones in memory by design, so the check is on what they compute. The adapter trained (it is not
+    its initial value); the config is the converted one; and on a fresh, unmodified base the reloaded
+    adapter gives every adapted layer the weight the trained model computes with."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from kaika.modeling.initial import check_conversion, converted_config
+
+    memory = get_peft_model_state_dict(trained)
+    if all(torch.equal(memory[k].cpu(), v) for k, v in initial.items() if k in memory):
+        raise KaikaError(
+            f"the adapter in {adapter_dir} is empty: it still holds its initial value, so it changes nothing. "
+            "Did training take any optimizer step (check --max-steps, --lr, data size)?"
+        )
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    mine = converted_config(json.loads(json.dumps(trained.peft_config["default"].to_dict(), default=sorted)))
+    keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights")
+    differ = [k for k in keys if _normal(config.get(k)) != _normal(mine.get(k))]
+    if differ:
+        raise KaikaError(
+            f"verification failed: {adapter_dir / ADAPTER_CONFIG} does not describe the converted adapter "
+            f"({', '.join(f'{k}: {config.get(k)!r} vs {mine.get(k)!r}' for k in differ)})"
+        )
+    base = load_model(model_args, source)
+    one_cpu_packing(base)
+    reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
+    dtype = next(p.dtype for n, p in base.named_parameters() if p.is_floating_point())
+    worst = check_conversion(reloaded, trained, dtype)
+    log.info(
+        "verified: the saved adapter on the unmodified base gives the trained weights (differences up to %.2g "
+        "of an entry's size: the residual base was rounded to %s)",
+        worst,
+        DTYPE_NAMES.get(dtype, dtype),
+    )
+    return worst
+
+
 def _free_accelerator_memory() -> None:
     import gc
 

@@ -44,6 +44,7 @@ from kaika.training.saving import RunFiles, save_verified_adapter
 from kaika.training.trainer import (
     Fitted,
     JsonlLogCallback,
+    LoraPlus,
     SeededOrder,
     check_recipe,
     log_batch,
@@ -250,15 +251,15 @@ def paired_rows(feature: dict) -> dict[str, list[int]]:
 def trainer_classes():
     DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer = _import_trainers()
 
-    class KaikaDPOTrainer(SeededOrder, DPOTrainer):
+    class KaikaDPOTrainer(LoraPlus, SeededOrder, DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # encoded by kaika.data.preference: nothing for TRL to tokenize
 
-    class KaikaORPOTrainer(SeededOrder, ORPOTrainer):
+    class KaikaORPOTrainer(LoraPlus, SeededOrder, ORPOTrainer):
         def tokenize_row(self, feature, model=None):
             return paired_rows(feature)
 
-    class KaikaCPOTrainer(SeededOrder, CPOTrainer):
+    class KaikaCPOTrainer(LoraPlus, SeededOrder, CPOTrainer):
         def tokenize_row(self, feature, model=None):
             return paired_rows(feature)
 
@@ -311,6 +312,7 @@ def build_trainer(cfg: DpoConfig, run: RunDir | None, model, tokenizer, train_ro
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(out / LOG_FILE)],
     )
+    trainer.loraplus_lr_ratio = cfg.lora.loraplus_lr_ratio
     if run is None and "ref" in getattr(trainer.model, "peft_config", {}):
         # TRL copies a given adapter as the reference; a fresh one (B = 0) is the base itself, which
         # switching the adapter off gives without a second adapter's memory and compute.

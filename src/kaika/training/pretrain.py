@@ -101,7 +101,9 @@ def _pretrain(cfg: PretrainConfig, out: Path, compute: torch.dtype) -> PretrainR
         enable_packed_attention(model)
     prepare_output_dir(cfg.train, model, tokenizer)
     # Held-out text is scored once, at the end, token-weighted (the Trainer's eval averages batches).
-    fitted = fit(args, cfg.train, model, tokenizer, train_set, [], PackedCollator(cfg.pretrain.packing))
+    collator = PackedCollator(cfg.pretrain.packing)
+    ratio = 0.0 if is_full(cfg) else cfg.lora.loraplus_lr_ratio
+    fitted = fit(args, cfg.train, model, tokenizer, train_set, [], collator, ratio)
     heldout = score_heldout(fitted, val_set, cfg) if val_set else None
     result = save_and_verify(cfg, fitted, tokenizer, train_set, train_report, heldout, out)
     log.info(

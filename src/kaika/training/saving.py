@@ -34,9 +34,10 @@ from kaika.atomic import staged_output
 from kaika.config import ModelArgs
 from kaika.data.prompts import Template
 from kaika.data.tokenize import pad_batch
+from kaika.modeling.initial import INIT_DIR, initial_of, save_converted
 from kaika.modeling.load import ModelSource, resolve_source
 from kaika.modeling.qkv import check_block_structure
-from kaika.modeling.verify import verify_adapter
+from kaika.modeling.verify import verify_adapter, verify_converted_adapter
 from kaika.rundir import (
     CURVE_FILE,
     save_base_fingerprint,
@@ -152,10 +153,16 @@ def save_adapter(
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+    initial = initial_of(peft_model)
     with staged_output(out) as stage:
-        peft_model.save_pretrained(stage, state_dict=state, selected_adapters=selected_adapters)
+        if initial is not None:  # --lora-init pissa/olora: a plain LoRA on the unmodified base
+            save_converted(peft_model, stage, out / INIT_DIR, selected_adapters=selected_adapters)
+        else:
+            peft_model.save_pretrained(stage, state_dict=state, selected_adapters=selected_adapters)
         write_files(stage)
-        if verify is not None:
+        if verify is not None and initial is not None:
+            verify_converted_adapter(stage, peft_model, initial, verify.model_args, verify.source)
+        elif verify is not None:
             memory = None if state is None else get_peft_model_state_dict(peft_model, state_dict=state)
             verify_adapter(
                 stage,

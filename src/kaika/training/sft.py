@@ -85,7 +85,7 @@ def _train(cfg: TrainConfig, out: Path) -> TrainResult:
         else (train_set, PadCollator(tokenizer.pad_token_id))
     )
     prepare_output_dir(cfg.train, model, tokenizer)
-    fitted = fit(args, cfg.train, model, tokenizer, rows, val_set, collator)
+    fitted = fit(args, cfg.train, model, tokenizer, rows, val_set, collator, cfg.lora.loraplus_lr_ratio)
     result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_set, out)
     log.info(
         "done: adapter in %s (%d steps, %.0f s, %.0f tokens/s)",

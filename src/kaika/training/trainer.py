@@ -29,10 +29,20 @@ from transformers import ProgressCallback, Trainer, TrainerCallback
 from kaika.config import TrainArgs, check
 from kaika.errors import KaikaError
 from kaika.guard import DirLock, check_inputs_outside, check_replaceable, claim, empty_owned, is_kaika_hidden
+from kaika.modeling.initial import record_initial
+from kaika.modeling.lora import check_lora_choices
 from kaika.modeling.qkv import mask_sharded_slice_grads
 from kaika.rundir import CHECKPOINTS, LOG_FILE
 from kaika.training.faults import check_disk_space, check_writable, guarded_training
-from kaika.training.launch import Launch, ShardedOnCpu, ShardReport, check_launch, detect_launch, log_launch
+from kaika.training.launch import (
+    Launch,
+    ShardedOnCpu,
+    ShardReport,
+    check_launch,
+    detect_launch,
+    log_launch,
+    peft_model_of,
+)
 from kaika.training.loss import (
     FastLoss,
     LogitTransform,
@@ -90,6 +100,8 @@ def check_recipe(
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
     launch = detect_launch()
     check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing, full=full, command=command)
+    if not full:
+        check_lora_choices(cfg.lora, cfg.model.quantization, launch.sharded, command)
     log_launch(launch)
     if cfg.train.overwrite:
         check_inputs_outside(cfg.train.output_dir, inputs, "--overwrite")
@@ -141,6 +153,7 @@ def prepare_output_dir(args: TrainArgs, model, tokenizer) -> None:
     if args.overwrite and not args.resume and out.exists():
         empty_owned(out)
     claim(out, "run")
+    record_initial(out, peft_model_of(model), args.resume)  # --lora-init pissa/olora only
 
 
 def gradient_accumulation(args: TrainArgs, world_size: int) -> int:
@@ -286,9 +299,12 @@ def log_batch(t: TrainArgs) -> None:
     )
 
 
-def fit(args, t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> Fitted:
+def fit(
+    args, t: TrainArgs, model, tokenizer, train_set, val_set, collator, loraplus_lr_ratio: float = 0.0
+) -> Fitted:
     """Train ``model`` on ``train_set`` (batched by ``collator``), checkpoints and log in ``t.output_dir``;
-    ``args`` are the run's :func:`training_arguments`, built before the model was loaded."""
+    ``args`` are the run's :func:`training_arguments`, built before the model was loaded;
+    ``loraplus_lr_ratio``: LoRA+ (:class:`LoraPlus`), 0 for off."""
     out = Path(t.output_dir)
     log_batch(t)
     trainer = KaikaTrainer(
@@ -301,6 +317,7 @@ def fit(args, t: TrainArgs, model, tokenizer, train_set, val_set, collator) -> F
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(out / LOG_FILE)],
     )
+    trainer.loraplus_lr_ratio = loraplus_lr_ratio
     return run_fit(trainer, t, bool(val_set))
 
 
@@ -520,7 +537,40 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------- the Trainer
 
 
-class KaikaTrainer(ShardedOnCpu, Trainer):
+class LoraPlus:
+    """A Trainer mixin: with ``loraplus_lr_ratio`` set, the optimizer is peft's LoRA+ one (LoRA B, and
+    every trained vector — DoRA magnitudes, biases — at ``lr × ratio``; A at ``lr``), built where the
+    Trainer builds its own, so FSDP and DeepSpeed see it as theirs. The Trainer's optimizer class and
+    arguments (betas, eps, weight decay) are kept."""
+
+    loraplus_lr_ratio: float = 0.0
+
+    def create_optimizer(self, model=None):
+        if not self.loraplus_lr_ratio or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = dict(kwargs)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            lr=lr,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        groups = [(len(g["params"]), g["lr"]) for g in self.optimizer.param_groups if g["params"]]
+        log.info(
+            "LoRA+: %s",
+            ", ".join(f"{n} tensors at lr {group_lr:.3g}" for n, group_lr in groups),
+        )
+        return self.optimizer
+
+
+class KaikaTrainer(LoraPlus, ShardedOnCpu, Trainer):
     """transformers' Trainer with kaika's training loss (:mod:`kaika.training.loss`); evaluation,
     prediction and models without ``logits_to_keep`` use the Trainer's own loss.
 
