@@ -12,7 +12,12 @@ from helpers import SEED_TASKS
 
 
 def make_adapter(
-    out: Path, base_model: str = "tiny-bloom-ja", seed: int = 0, template: str = "alpaca_ja", r: int = 4
+    out: Path,
+    base_model: str = "tiny-bloom-ja",
+    seed: int = 0,
+    template: str = "alpaca_ja",
+    r: int = 4,
+    dora: bool = False,
 ) -> Path:
     from peft import LoraConfig, get_peft_model
 
@@ -24,6 +29,7 @@ def make_adapter(
     cfg = TrainConfig()
     cfg.model.base_model, cfg.data.template, cfg.data.data = base_model, template, [str(SEED_TASKS)]
     cfg.lora.r, cfg.lora.alpha = r, 8 * r
+    cfg.lora.variant = "dora" if dora else "lora"
     model = load_model(cfg.model)
     torch.manual_seed(seed)
     lora = LoraConfig(
@@ -32,8 +38,14 @@ def make_adapter(
         target_modules=["query_key_value"],
         init_lora_weights=False,  # random B: the adapter changes the model, as a trained one does
         task_type="CAUSAL_LM",
+        use_dora=dora,
     )
     peft_model = get_peft_model(model, lora)
+    if dora:  # magnitudes start at the weight's row norms (no change); a trained DoRA moves them
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.2 * torch.randn_like(p))
     peft_model.save_pretrained(out)
     load_tokenizer(cfg.model).save_pretrained(out)
     save_yaml(cfg, out / CONFIG_FILE)
@@ -43,9 +55,10 @@ def make_adapter(
 
 @pytest.fixture(scope="session")
 def tiny_adapters(tmp_path_factory) -> tuple[Path, Path]:
-    """Two different adapters on the builtin tiny-bloom-ja: one alpaca_ja, one English alpaca."""
+    """Two different adapters on the builtin tiny-bloom-ja: one alpaca_ja LoRA, one English alpaca DoRA
+    (so that serving both at once, merging, exporting and chatting go through DoRA too)."""
     root = tmp_path_factory.mktemp("adapters")
     return (
         make_adapter(root / "ja", seed=1, template="alpaca_ja"),
-        make_adapter(root / "en", seed=2, template="alpaca"),
+        make_adapter(root / "en", seed=2, template="alpaca", dora=True),
     )

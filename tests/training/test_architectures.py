@@ -92,13 +92,17 @@ def tiny_base(model_type: str, tokenizer, dtype=torch.float32):
     return model
 
 
-def tiny(model_type: str, tokenizer, dtype=torch.float32):
-    """A 2-layer model of ``model_type`` with LoRA (random A and B: every LoRA gradient is non-zero)."""
-    lora = apply_lora(tiny_base(model_type, tokenizer, dtype), LoraArgs(r=4, alpha=8, dropout=0.0))
+def tiny(model_type: str, tokenizer, dtype=torch.float32, variant: str = "lora"):
+    """A 2-layer model of ``model_type`` with LoRA (random A and B: every LoRA gradient is non-zero;
+    DoRA's magnitudes moved off the weight norms they start at)."""
+    args = LoraArgs(r=4, alpha=8, dropout=0.0, variant=variant)
+    lora = apply_lora(tiny_base(model_type, tokenizer, dtype), args)
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     return lora.train()
 
 
@@ -117,9 +121,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("model_type", list(ARCHS))
-def test_chunked_loss_is_the_model_s_own_loss(model_type, ja_tokenizer):
-    model = tiny(model_type, ja_tokenizer)
+CASES = [(m, "lora") for m in ARCHS] + [
+    (m, v) for m in ("bloom", "llama", "gemma3_text", "gpt2") for v in ("dora", "rslora")
+]
+
+
+@pytest.mark.parametrize("model_type,variant", CASES, ids=[f"{m}-{v}" for m, v in CASES])
+def test_chunked_loss_is_the_model_s_own_loss(model_type, variant, ja_tokenizer):
+    """For DoRA too: its magnitudes, and the column norms it recomputes at every forward, are upstream
+    of the hidden states the chunked loss differentiates, so their gradients must match as well."""
+    model = tiny(model_type, ja_tokenizer, variant=variant)
     inputs = batch(ja_tokenizer)
     want = model(**inputs).loss  # transformers: the model's own logits and loss
     want.backward()
@@ -136,6 +147,7 @@ def test_chunked_loss_is_the_model_s_own_loss(model_type, ja_tokenizer):
 
     assert abs(got.item() - want.item()) / want.item() < TOL
     assert want_grads.keys() == got_grads.keys() and len(want_grads) >= 4
+    assert any("lora_magnitude_vector" in n for n in want_grads) == (variant == "dora")
     for name, g in want_grads.items():
         assert g.abs().sum() > 0, name
         assert rel(got_grads[name], g) < TOL, name

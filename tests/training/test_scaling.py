@@ -48,9 +48,11 @@ from servers import free_port
 pytestmark = pytest.mark.slow
 
 # Eight short seed tasks: all fit cutoff_len 128, so a 4-example global batch divides them evenly.
+# DoRA with LoRA+: its magnitude vectors and its four optimizer groups go through DDP and resume too.
 COMMON = [
     "--cutoff-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
-    "--logging-steps", "1", "--lora-r", "8", "--lora-alpha", "16",
+    "--logging-steps", "1", "--lora-r", "8", "--lora-alpha", "16", "--lora-variant", "dora",
+    "--loraplus-lr-ratio", "4",
 ]  # fmt: skip
 
 
@@ -65,6 +67,7 @@ def config(data: Path, out: Path, steps: int, save_steps: int, dropout: float) -
     cfg = TrainConfig()
     cfg.data.data, cfg.data.cutoff_len = [str(data)], 128
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 8, 16, dropout
+    cfg.lora.variant, cfg.lora.loraplus_lr_ratio = "dora", 4.0
     t = cfg.train
     t.output_dir, t.batch_size, t.micro_batch_size, t.lr = str(out), 4, 2, 1e-2
     t.max_steps, t.save_steps, t.logging_steps = steps, save_steps, 1

@@ -346,11 +346,10 @@ def fmt(value) -> str:
 
 
 def lora_words(lora) -> str:
-    """"LoRA", or the variant and init ("DoRA", "LoRA (PiSSA init, saved as a plain LoRA of rank 2r)")."""
+    """ "LoRA", or the variant and init ("DoRA", "LoRA (PiSSA init, saved as a plain LoRA of rank 2r)")."""
     from kaika.modeling.lora import describe, mutates_base
 
     words = describe(lora)
     if mutates_base(lora):
         words += f" (saved converted to a plain LoRA of rank {2 * lora.r} on the unmodified base)"
     return words
-

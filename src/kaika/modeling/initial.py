@@ -49,8 +49,10 @@ def record_initial(out: Path, peft_model, resume: bool) -> None:
     where = out / INIT_DIR
     if resume:
         saved = load_file(where / ADAPTER_WEIGHTS) if (where / ADAPTER_WEIGHTS).is_file() else None
-        if saved is None or saved.keys() != initial.keys() or any(
-            not torch.equal(saved[k], v) for k, v in initial.items()
+        if (
+            saved is None
+            or saved.keys() != initial.keys()
+            or any(not torch.equal(saved[k], v) for k, v in initial.items())
         ):
             raise KaikaError(
                 f"--resume: the {init_name(peft_model)} initialisation computed on this machine is not the one in "
@@ -59,7 +61,9 @@ def record_initial(out: Path, peft_model, resume: bool) -> None:
             )
         return
     where.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in initial.items()}, where / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in initial.items()}, where / ADAPTER_WEIGHTS, metadata={"format": "pt"}
+    )
     peft_model.peft_config["default"].save_pretrained(where)
 
 
@@ -119,7 +123,9 @@ def check_conversion(reloaded, trained, base_dtype: torch.dtype, adapter: str = 
             continue
         mine = trained_layers.get(name)
         if mine is None:
-            raise KaikaError(f"verification failed: the saved adapter adapts {name}, which the trained model does not")
+            raise KaikaError(
+                f"verification failed: the saved adapter adapts {name}, which the trained model does not"
+            )
         residual = mine.get_base_layer().weight.float().cpu()
         got = layer.get_base_layer().weight.float().cpu() + layer.get_delta_weight(adapter).float().cpu()
         want = residual + mine.get_delta_weight(adapter).float().cpu()

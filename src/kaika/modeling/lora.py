@@ -107,6 +107,13 @@ def check_lora_choices(args: LoraArgs, quantization: str, sharded: bool, command
             "row of the fused projection, so the slices left out would change too. Use --lora-qkv fused, or "
             "--lora-variant lora/rslora"
         )
+    if args.variant == "dora" and quantization == "8bit" and not torch.cuda.is_available():
+        # peft's DoRA dequantizes the weight at every forward and, on a CPU, puts it back as a copy that
+        # has lost its quantization scales; bitsandbytes' next forward then fails.
+        raise KaikaError(
+            "--lora-variant dora with --quantization 8bit on a CPU: peft's DoRA and bitsandbytes' 8-bit "
+            "layers lose the quantization scales there. Use --quantization 4bit (or none) for DoRA on a CPU"
+        )
     if not mutates_base(args):
         return
     if args.variant == "dora":
@@ -240,7 +247,7 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
 
 
 def describe(args: LoraArgs) -> str:
-    """"LoRA", "DoRA, PiSSA init, LoRA+ ×16": the variant and what differs from plain LoRA."""
+    """ "LoRA", "DoRA, PiSSA init, LoRA+ ×16": the variant and what differs from plain LoRA."""
     parts = [{"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}[args.variant]]
     if args.init != "default":
         parts.append({"pissa": "PiSSA", "olora": "OLoRA", "gaussian": "Gaussian"}[args.init] + " init")

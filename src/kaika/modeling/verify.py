@@ -230,7 +230,15 @@ def verify_converted_adapter(
         )
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     mine = converted_config(json.loads(json.dumps(trained.peft_config["default"].to_dict(), default=sorted)))
-    keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights")
+    keys = (
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "init_lora_weights",
+    )
     differ = [k for k in keys if _normal(config.get(k)) != _normal(mine.get(k))]
     if differ:
         raise KaikaError(
