@@ -47,7 +47,7 @@ Packing = Literal["document", "stream"]
 TrainOn = Literal["assistant", "last", "all"]
 Truncation = Literal["turns", "drop"]
 SaveDtype = Literal["auto", "float32", "float16", "bfloat16"]
-PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo"]
+PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo", "kto"]
 ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
 
 
@@ -588,7 +588,8 @@ class PreferenceDataArgs(Checked):
     data: list[str] = option(
         [],
         "Preference pairs: JSON/JSONL files, dataset dirs, hub names or a builtin (seed-prefs-ja), with "
-        "prompt (or instruction/input, or messages ending with a user turn), chosen and rejected.",
+        "prompt (or instruction/input, or messages ending with a user turn), chosen and rejected; for --loss "
+        "kto also single answers: completion and a boolean label (builtin seed-kto-ja).",
     )
     val_data: list[str] = option(
         [], "Separate validation pairs (same forms as data); overrides val_set_size."
@@ -622,16 +623,23 @@ class DpoArgs(Checked):
     )
     loss: PreferenceLoss = option(
         "dpo",
-        "dpo (sigmoid DPO), ipo (IPO), orpo (odds ratio + NLL, no reference) or simpo (length-normalised, "
-        "no reference); TRL's implementations.",
+        "dpo (sigmoid DPO), ipo (IPO), orpo (odds ratio + NLL, no reference), simpo (length-normalised, "
+        "no reference) or kto (single answers marked good or bad: completion + label; pairs are split); "
+        "TRL's implementations.",
     )
     beta: float | None = option(
         None,
-        "dpo/ipo: how far from the reference (higher: closer; IPO's tau); orpo: the odds-ratio weight "
+        "dpo/ipo/kto: how far from the reference (higher: closer; IPO's tau); orpo: the odds-ratio weight "
         "(lambda); simpo: the reward scale. Default: 0.1, and 2.0 for simpo.",
         gt=0,
     )
     simpo_gamma: float = option(0.5, "simpo: the target reward margin (gamma).", ge=0)
+    desirable_weight: float = option(
+        1.0, "kto: weight of the desirable (label true) answers' loss; raise it when they are fewer.", gt=0
+    )
+    undesirable_weight: float = option(
+        1.0, "kto: weight of the undesirable (label false) answers' loss; raise it when they are fewer.", gt=0
+    )
     precompute_ref: bool = option(
         False,
         "dpo/ipo: compute the reference log-probabilities of every pair once before training, instead "
@@ -639,7 +647,7 @@ class DpoArgs(Checked):
     )
 
 
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
 
 
 def dpo_train_args() -> TrainArgs:

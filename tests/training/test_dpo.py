@@ -182,6 +182,72 @@ def test_each_loss_learns_a_synthetic_preference_and_saves_a_verified_adapter(lo
     assert (after > before).float().mean() > 0.9, (before, after)
 
 
+def test_kto_learns_from_single_labelled_answers(sft_run, tmp_path):
+    """KTO on answers without pairs: each prompt has either the Japanese answer (label true) or the
+    English one (label false), never both. Trained from the SFT run (its frozen copy the reference),
+    the held-out prompts then prefer the Japanese answer by more than the SFT adapter did; the log
+    carries KL and both classes' rewards."""
+    records = [
+        {"instruction": r["instruction"], "completion": CHOSEN if i % 2 else REJECTED, "label": bool(i % 2)}
+        for i, r in enumerate(seed_records(40, 120))
+    ]
+    data = write_jsonl(tmp_path / "kto.jsonl", records)
+    cfg = dpo_config(data, tmp_path / "kto", from_run=str(sft_run), loss="kto")
+    cfg.train.max_steps, cfg.train.lr = 12, 3e-3
+    result = preference.dpo(cfg)
+    rows = [json.loads(line) for line in (result.output_dir / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 12 and all("kl" in r and r["kl"] >= 0 for r in steps)
+    assert result.kl is not None and isinstance(result.data_report.desirable, int)
+    assert result.data_report.desirable == result.data_report.undesirable == 20
+    late = [r for r in steps[-4:] if "reward_chosen" in r and "reward_rejected" in r]
+    assert late and all(r["reward_chosen"] > r["reward_rejected"] for r in late), late
+
+    from peft import PeftModel
+
+    from kaika.rundir import RunDir
+
+    run = RunDir.open(result.output_dir)
+    tokenizer = load_tokenizer(cfg.model, resolve_source(cfg.model))
+    unseen = [{"instruction": r["instruction"], "input": "", "chosen": CHOSEN, "rejected": REJECTED,
+               "where": "unseen"} for r in seed_records(60, 120)[40:]]  # fmt: skip
+    base = lambda: load_model(run.model_args, run.source)  # noqa: E731
+    before = held_out_margin(
+        PeftModel.from_pretrained(base(), sft_run).eval(), tokenizer, run.template, unseen
+    )
+    after = held_out_margin(
+        PeftModel.from_pretrained(base(), run.path).eval(), tokenizer, run.template, unseen
+    )
+    assert (after > before).float().mean() > 0.9, (before, after)
+
+
+def test_kto_data_is_checked_with_file_line_and_field(tmp_path):
+    from kaika.data.problems import DataError
+    from kaika.data.unpaired import load_unpaired
+    from kaika.errors import KaikaError
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "a", "completion": "b", "label": True},
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "a", "completion": "b", "label": "false"},
+        {"completion": "b", "label": False},
+        {"prompt": "a", "chosen": "x", "rejected": "y"},
+    ])  # fmt: skip
+    with pytest.raises(DataError) as e:
+        load_unpaired([str(bad)])
+    text = str(e.value)
+    assert "line 2" in text and "label" in text and "missing" in text
+    assert "line 3" in text and "expected true or false" in text
+    assert "line 4" in text and "no prompt" in text
+    assert "line 5" not in text  # a pair is two records, chosen true and rejected false
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "chosen": "x", "rejected": "y"}])
+    records = load_unpaired([str(good)])
+    assert [(r["completion"], r["label"]) for r in records] == [("x", True), ("y", False)]
+    one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "a", "completion": "b", "label": True}] * 3)
+    with pytest.raises(KaikaError, match="all 3 records have label true"):
+        load_unpaired([str(one)])
+
+
 def test_generate_and_merge_take_the_preference_tuned_adapter(sft_run, pairs_file, tmp_path):
     out = tmp_path / "dpo"
     run_kaika("dpo", "--from", str(sft_run), "--data", str(pairs_file), "--output-dir", str(out),

@@ -108,6 +108,8 @@ def run_dpo(ns: argparse.Namespace) -> None:
         parts.append(f"train loss {result.train_loss:.4f}")
     if result.reward_accuracy is not None:
         parts.append(f"reward accuracy {result.reward_accuracy:.3f}, margin {result.reward_margin:.3f}")
+    if result.kl is not None:
+        parts.append(f"KL {result.kl:.3f}")
     if result.eval_loss is not None:
         parts.append(f"eval loss {result.eval_loss:.4f}")
     print(f"adapter saved to {result.output_dir} — {', '.join(parts)}, {result.train_seconds:.0f} s")

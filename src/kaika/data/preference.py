@@ -44,7 +44,7 @@ PAIR_FIELDS = ("prompt", "instruction", "input", "messages", "chosen", "rejected
 SIDES = ("chosen", "rejected")
 
 
-def _answer(value: Any) -> tuple[str | None, str | None]:
+def answer_text(value: Any) -> tuple[str | None, str | None]:
     """A side's text, or (None, what is wrong)."""
     from kaika.data.conversations import ROLES, _content
 
@@ -133,29 +133,10 @@ def normalise_pair(
             return None
         out["messages"], chosen, rejected = split
     else:
-        if isinstance(prompt_raw, list):
-            fld = key["prompt"] if key["prompt"] in rec else key["messages"]
-            out["messages"] = _turns(prompt_raw, source, where, fld, problems)
-        elif prompt_raw is not None:
-            if not isinstance(prompt_raw, str) or not prompt_raw.strip():
-                problems.append(
-                    Problem(source, where, label["prompt"], "expected a non-empty string or a list of turns")
-                )
-            else:
-                out.update(instruction=prompt_raw, input="")
-        else:
-            instruction, extra = rec[key["instruction"]], rec.get(key["input"]) or ""
-            for fld, value in (("instruction", instruction), ("input", extra)):
-                if not isinstance(value, str):
-                    problems.append(
-                        Problem(source, where, label[fld], f"expected a string, got {type(value).__name__}")
-                    )
-            if isinstance(instruction, str) and not instruction.strip():
-                problems.append(Problem(source, where, label["instruction"], "empty"))
-            out.update(instruction=instruction, input=extra)
+        out.update(record_prompt(rec, key, label, source, where, problems))
         answers = {}
         for side, value in (("chosen", chosen_raw), ("rejected", rejected_raw)):
-            text, problem = _answer(value)
+            text, problem = answer_text(value)
             if problem:
                 problems.append(Problem(source, where, label[side], problem))
             answers[side] = text
@@ -169,6 +150,33 @@ def normalise_pair(
         return None
     out.update(chosen=chosen, rejected=rejected)
     return out
+
+
+def record_prompt(
+    rec: dict, key: dict[str, str], label: dict[str, str], source: str, where: str, problems: list[Problem]
+) -> dict[str, Any]:
+    """The prompt of a record that has one (``prompt``, ``messages``, or ``instruction`` and ``input``,
+    by their ``--columns`` names ``key``): ``{messages}`` or ``{instruction, input}``, its problems added."""
+    prompt_raw = rec.get(key["prompt"], rec.get(key["messages"]))
+    if isinstance(prompt_raw, list):
+        fld = key["prompt"] if key["prompt"] in rec else key["messages"]
+        return {"messages": _turns(prompt_raw, source, where, fld, problems)}
+    if prompt_raw is not None:
+        if not isinstance(prompt_raw, str) or not prompt_raw.strip():
+            problems.append(
+                Problem(source, where, label["prompt"], "expected a non-empty string or a list of turns")
+            )
+            return {}
+        return {"instruction": prompt_raw, "input": ""}
+    instruction, extra = rec[key["instruction"]], rec.get(key["input"]) or ""
+    for fld, value in (("instruction", instruction), ("input", extra)):
+        if not isinstance(value, str):
+            problems.append(
+                Problem(source, where, label[fld], f"expected a string, got {type(value).__name__}")
+            )
+    if isinstance(instruction, str) and not instruction.strip():
+        problems.append(Problem(source, where, label["instruction"], "empty"))
+    return {"instruction": instruction, "input": extra}
 
 
 def load_pairs(sources: Iterable[str], columns: dict[str, str] | None = None) -> list[dict]:
@@ -241,7 +249,7 @@ class PreferenceReport:
         )
 
 
-def _percentiles(values: list[int]) -> dict[str, int]:
+def percentiles(values: list[int]) -> dict[str, int]:
     if not values:
         return {}
     arr = np.asarray(values)
@@ -303,7 +311,7 @@ def encode_pairs(
             "characters; raise --cutoff-len"
         )
     report.kept = len(rows)
-    report.prompt_tokens = _percentiles(lengths["prompt"])
-    report.chosen_tokens = _percentiles(lengths["chosen"])
-    report.rejected_tokens = _percentiles(lengths["rejected"])
+    report.prompt_tokens = percentiles(lengths["prompt"])
+    report.chosen_tokens = percentiles(lengths["chosen"])
+    report.rejected_tokens = percentiles(lengths["rejected"])
     return rows, report

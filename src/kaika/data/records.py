@@ -28,6 +28,7 @@ BUILTIN_DATA = {
     "seed-tasks-ja": "seed_tasks_ja.jsonl",  # 175 Japanese Alpaca seed tasks, Apache-2.0
     "seed-chats-ja": "conversations/seed_chats_ja.jsonl",  # 87 conversations built from them, Apache-2.0
     "seed-prefs-ja": "preferences/seed_prefs_ja.jsonl",  # 154 preference pairs built from them, Apache-2.0
+    "seed-kto-ja": "preferences/seed_kto_ja.jsonl",  # one side of each of those pairs, labelled, Apache-2.0
     "elyza-tasks-100": "elyza_tasks_100/elyza_tasks_100.jsonl",  # evaluation only, CC BY-SA 4.0
 }
 T = TypeVar("T")
@@ -393,11 +394,12 @@ CHARS_PER_TOKEN_CAP = 64
 
 
 def record_chars(rec: dict) -> int:
-    """The characters of a record's text: Alpaca's three fields, a conversation's turns, a pair's sides."""
+    """The characters of a record's text: Alpaca's three fields, a conversation's turns, a pair's sides,
+    a KTO record's answer."""
     chars = sum(
         len(rec.get(k) or "") for k in ("instruction", "input", "output") if isinstance(rec.get(k), str)
     )
-    for key in ("messages", "chosen", "rejected"):
+    for key in ("messages", "chosen", "rejected", "completion"):
         value = rec.get(key)
         if isinstance(value, str):
             chars += len(value)

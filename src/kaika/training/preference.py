@@ -15,6 +15,7 @@ itself, the adapter switched off.
 from __future__ import annotations
 
 import logging
+import random
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from kaika.data.preference import PreferenceReport, encode_pairs, load_pairs
 from kaika.data.prompts import AUTO, CHAT, Template, load_template, resolve_template
 from kaika.data.records import split_records
 from kaika.data.tokenize import resolve_pad_token
+from kaika.data.unpaired import UnpairedReport, encode_unpaired, load_unpaired
 from kaika.errors import KaikaError
 from kaika.modeling.load import (
     ModelSource,
@@ -71,8 +73,9 @@ class PreferenceResult:
     train_seconds: float
     reward_accuracy: float | None  # the last logged (training) value
     reward_margin: float | None
-    data_report: PreferenceReport
+    data_report: PreferenceReport | UnpairedReport
     model: Any = field(default=None, repr=False)  # the trained PeftModel, in memory
+    kl: float | None = None  # kto: the last logged estimate of KL(policy ‖ reference)
 
 
 def dpo(cfg: DpoConfig) -> PreferenceResult:
@@ -91,21 +94,29 @@ def _dpo(cfg: DpoConfig, run: RunDir | None, out: Path) -> PreferenceResult:
     tokenizer = load_tokenizer(cfg.model, run.tokenizer_source if run else source)
     resolve_pad_token(tokenizer)
     template = choose_template(cfg, run, tokenizer, train_pairs)
-    train_rows, report = encode_pairs(train_pairs, template, tokenizer, cfg.data.cutoff_len)
-    val_rows, _ = encode_pairs(val_pairs, template, tokenizer, cfg.data.cutoff_len)
+    train_rows, report = encode(cfg, train_pairs, template, tokenizer)
+    val_rows, _ = encode(cfg, val_pairs, template, tokenizer)
     log.info("data: %s", report.summary())
+    hint = (
+        report.weights_hint(cfg.dpo.desirable_weight, cfg.dpo.undesirable_weight)
+        if cfg.dpo.loss == "kto"
+        else None
+    )
+    if hint:
+        log.warning("kto: %s", hint)
     model = build_model(cfg, run, source)
     prepare_output_dir(cfg.train, model, tokenizer)
     trainer = build_trainer(cfg, run, model, tokenizer, train_rows, val_rows)
     fitted = run_fit(trainer, cfg.train, bool(val_rows))
     result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_rows, out)
     log.info(
-        "done: adapter in %s (%d steps, %.0f s; reward accuracy %s, margin %s)",
+        "done: adapter in %s (%d steps, %.0f s; %s)",
         out,
         result.global_step,
         result.train_seconds,
-        _fmt(result.reward_accuracy),
-        _fmt(result.reward_margin),
+        f"KL {_fmt(result.kl)}, reward margin {_fmt(result.reward_margin)}"
+        if cfg.dpo.loss == "kto"
+        else f"reward accuracy {_fmt(result.reward_accuracy)}, margin {_fmt(result.reward_margin)}",
     )
     return result
 
@@ -148,10 +159,24 @@ def start_model_args(given: ModelArgs, run: RunDir) -> ModelArgs:
 
 
 def load_data(cfg: DpoConfig) -> tuple[list[dict], list[dict]]:
-    pairs = load_pairs(cfg.data.data, cfg.data.columns)
+    """Pairs, or for kto single answers with their labels (pairs split in two)."""
+    load = load_unpaired if cfg.dpo.loss == "kto" else load_pairs
+    records = load(cfg.data.data, cfg.data.columns)
     if cfg.data.val_data:
-        return pairs, load_pairs(cfg.data.val_data, cfg.data.columns)
-    return split_records(pairs, cfg.data.val_set_size, cfg.train.seed, "validation pairs")
+        return records, load(cfg.data.val_data, cfg.data.columns)
+    what = "validation records" if cfg.dpo.loss == "kto" else "validation pairs"
+    return split_records(records, cfg.data.val_set_size, cfg.train.seed, what)
+
+
+def encode(cfg: DpoConfig, records: list[dict], template, tokenizer):
+    if cfg.dpo.loss != "kto":
+        return encode_pairs(records, template, tokenizer, cfg.data.cutoff_len)
+    rows, report = encode_unpaired(records, template, tokenizer, cfg.data.cutoff_len)
+    # KTO estimates its KL term from each micro batch's answers paired with other prompts, in the
+    # order the batches come (TRL trains KTO in a fixed order): shuffled once here, by the seed, so
+    # that batches mix prompts and labels.
+    random.Random(cfg.train.seed).shuffle(rows)
+    return rows, report
 
 
 def choose_template(cfg: DpoConfig, run: RunDir | None, tokenizer, pairs: list[dict]) -> Template:
@@ -212,6 +237,26 @@ def _import_trainers():
     return DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer
 
 
+def kto_classes():
+    from trl import KTOConfig, KTOTrainer
+
+    class KaikaKTOTrainer(LoraPlus, KTOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            """Encoded by kaika.data.unpaired; what is left of TRL's preparation is the KL pairing: in each
+            micro batch of the fixed order, every prompt with the previous record's answer (the first
+            with the last's), as TRL pairs them."""
+            if not self.calculate_KL:
+                return dataset
+
+            def rotate(batch):
+                answers = batch["completion_ids"]
+                return {"KL_completion_ids": answers[-1:] + answers[:-1]}
+
+            return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return KaikaKTOTrainer, KTOConfig
+
+
 # TRL's chunked log-probabilities, sized for a CPU. Off CUDA/XPU TRL scores every position, the
 # prompt's too (compact scoring is tied to its Triton kernel, to spare Neuron recompilations), in
 # tiles of 4096 tokens × 32768 vocabulary entries, whose fp32 temporaries (0.5 GB each) are mapped
@@ -268,6 +313,7 @@ def trainer_classes():
         "ipo": (KaikaDPOTrainer, DPOConfig),
         "orpo": (KaikaORPOTrainer, ORPOConfig),
         "simpo": (KaikaCPOTrainer, CPOConfig),
+        "kto": kto_classes(),
     }
 
 
@@ -280,6 +326,17 @@ def loss_arguments(cfg: DpoConfig) -> dict[str, Any]:
             **common,
             "loss_type": ["sigmoid" if cfg.dpo.loss == "dpo" else "ipo"],
             "precompute_ref_log_probs": cfg.dpo.precompute_ref,
+        }
+    if cfg.dpo.loss == "kto":
+        return {
+            "beta": cfg.beta,
+            "max_length": cfg.data.cutoff_len,
+            "activation_checkpointing": False,  # kaika enables it on the model itself
+            "loss_type": "kto",
+            "desirable_weight": cfg.dpo.desirable_weight,
+            "undesirable_weight": cfg.dpo.undesirable_weight,
+            "precompute_ref_log_probs": cfg.dpo.precompute_ref,
+            "train_sampling_strategy": "sequential",  # the KL pairing is made in this order (see encode)
         }
     # ORPO's and CPO's batches carry no attention_mask of their own: tokens are not counted there.
     common["include_num_input_tokens_seen"] = "no"
@@ -347,10 +404,12 @@ def save_and_verify(
         last_logged(fitted.history, "rewards/margins"),
         report,
         fitted.model,
+        last_logged(fitted.history, "kl"),
     )
 
     files = RunFiles(cfg, tokenizer, fitted.history, REPORT_FILE, asdict(report), template, source)
-    rows = [{"input_ids": r["prompt_ids"] + r["chosen_ids"]} for r in train_rows[:VERIFY_PAIRS]]
+    answer = "completion_ids" if cfg.dpo.loss == "kto" else "chosen_ids"
+    rows = [{"input_ids": r["prompt_ids"] + r[answer]} for r in train_rows[:VERIFY_PAIRS]]
     # Only the trained adapter: not the frozen reference copy that --from adds beside it.
     save_verified_adapter(fitted, out, files, rows, selected_adapters=["default"])
     return result

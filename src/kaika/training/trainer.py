@@ -453,6 +453,7 @@ PREFERENCE_LOGS = {
     "logps/rejected": "logp_rejected",
     "rewards/chosen": "reward_chosen",
     "rewards/rejected": "reward_rejected",
+    "kl": "kl",  # KTO: its estimate of KL(policy ‖ reference)
 }
 
 
