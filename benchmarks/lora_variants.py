@@ -11,7 +11,7 @@
    ``kaika eval choice``), the adapter only; the base model's accuracy once, for reference.
 3. ``benchmarks/results/lora-variants-gemma-3-270m/results.csv`` and ``.md``, and
    ``docs/img/lora-variants.png``. Nothing here is timed: time and memory per step are
-   ``benchmarks/lora_variants_speed.py``.
+   ``benchmarks/train_throughput.py --variants kaika kaika-rslora kaika-dora kaika-pissa kaika-loraplus``.
 """
 
 from __future__ import annotations
@@ -143,11 +143,11 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "kaika", "sweep", str(SWEEP)], cwd=ROOT, check=False)
     runs = sorted(p.parent for p in RUNS.glob("runs/*/sweep_result.json"))
     rows, base_acc = [], None
-    for i, run in enumerate(runs):
+    for run in runs:
         if json.loads((run / "sweep_result.json").read_text())["record"]["status"] != "ok":
             continue
-        scored = score(run, base_also=i == 0)
-        if i == 0:
+        scored = score(run, base_also=base_acc is None)  # the base once, with the first scored run
+        if base_acc is None:
             base_acc = jcqa_acc(scored["choice"], "base")
         rows.append(row_of(run, scored))
     if rows:

@@ -69,6 +69,8 @@ class Variant:
     packing: bool = False  # whole examples packed into rows of up to cutoff_len (micro batch counts rows)
     trl: str = ""  # "default" / "best": TRL's SFTTrainer instead (the fields above do not apply)
     fused_gelu: bool = True  # BLOOM's GELU as one fused kernel (kaika.modeling.attention.fuse_gelu)
+    lora: tuple = ()  # the LoRA family: peft LoraConfig fields beyond plain LoRA, as (name, value) pairs
+    loraplus: float = 0.0  # LoRA+: lr ratio of B to A (kaika's LoraPlus optimizer)
 
 
 # TRL's SFTTrainer as a user would run it on this data (prompt-completion records: loss on the
@@ -99,13 +101,24 @@ VARIANTS = {
     "kaika-packing": Variant(True, True, True, True, packing=True),
     "kaika-bloom-gelu": Variant(True, True, True, True, fused_gelu=False),
     "kaika-checkpointing": Variant(True, True, True, True, gradient_checkpointing=True),
+    # The LoRA family (docs/lora-variants.md), each kaika's defaults otherwise: what a step costs.
+    "kaika-rslora": Variant(True, True, True, True, lora=(("use_rslora", True),)),
+    "kaika-dora": Variant(True, True, True, True, lora=(("use_dora", True),)),
+    "kaika-pissa": Variant(True, True, True, True, lora=(("init_lora_weights", "pissa"),)),
+    "kaika-loraplus": Variant(True, True, True, True, loraplus=16.0),
     "trl": Variant(True, True, True, False, trl="default", fused_gelu=False),
     "trl-best": Variant(True, True, True, True, trl="best", fused_gelu=False),
 }
 # What a plain run measures: kaika-checkpointing trades time for memory, and kaika-packing puts more
 # tokens in each micro batch (its memory is not comparable at the same micro batch): opt-in (--variants).
+FAMILY = [
+    "kaika-rslora",
+    "kaika-dora",
+    "kaika-pissa",
+    "kaika-loraplus",
+]  # opt-in: --variants kaika kaika-dora …
 DEFAULT_VARIANTS = [
-    v for v in VARIANTS if v not in ("kaika-checkpointing", "kaika-packing", "kaika-bloom-gelu")
+    v for v in VARIANTS if v not in ("kaika-checkpointing", "kaika-packing", "kaika-bloom-gelu", *FAMILY)
 ]
 
 
@@ -471,7 +484,14 @@ def build_model(spec: dict, tokenizer, variant: Variant):
             fuse_gelu(model)
         targets = ["query_key_value"]
     model.to(spec["device"])
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        **dict(variant.lora),
+    )
     return model, lora
 
 
@@ -612,6 +632,7 @@ def child(spec: dict) -> None:
     elif variant.fast_loss:
         levers = FastLoss(variant.label_positions_only, variant.chunked)
         trainer = type("Measured", (Counted, KaikaTrainer), {})(fast_loss=levers, **common)
+        trainer.loraplus_lr_ratio = variant.loraplus
         assert trainer.fast_loss is not None
     else:
         trainer = type("Measured", (Counted, Trainer), {})(**common)

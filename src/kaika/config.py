@@ -642,7 +642,7 @@ class DpoArgs(Checked):
     )
     precompute_ref: bool = option(
         False,
-        "dpo/ipo: compute the reference log-probabilities of every pair once before training, instead "
+        "dpo/ipo/kto: compute the reference log-probabilities of every pair once before training, instead "
         "of a reference forward pass per step (less memory and time per step; the reference is frozen).",
     )
 

@@ -221,6 +221,14 @@ def test_kto_learns_from_single_labelled_answers(sft_run, tmp_path):
     assert (after > before).float().mean() > 0.9, (before, after)
 
 
+def test_kto_validation_keeps_both_halves_of_a_pair_on_one_side(pairs_file, tmp_path):
+    cfg = dpo_config(pairs_file, tmp_path / "kto", loss="kto")
+    cfg.data.val_set_size = 8
+    train_records, val_records = preference.load_data(cfg)
+    assert len(val_records) == 16 and len(train_records) == 2 * 40 - 16  # 8 pairs, each as two answers
+    assert not {r["where"] for r in train_records} & {r["where"] for r in val_records}
+
+
 def test_kto_data_is_checked_with_file_line_and_field(tmp_path):
     from kaika.data.problems import DataError
     from kaika.data.unpaired import load_unpaired
@@ -243,6 +251,15 @@ def test_kto_data_is_checked_with_file_line_and_field(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "chosen": "x", "rejected": "y"}])
     records = load_unpaired([str(good)])
     assert [(r["completion"], r["label"]) for r in records] == [("x", True), ("y", False)]
+    # A dataset with both columns has None in the one a record lacks: the other is its prompt.
+    both = write_jsonl(tmp_path / "both.jsonl", [
+        {"prompt": None, "messages": [{"role": "user", "content": "q"}], "completion": "x", "label": True},
+        {"prompt": "p", "messages": None, "completion": "y", "label": False},
+    ])  # fmt: skip
+    assert [("messages" in r, r["label"]) for r in load_unpaired([str(both)])] == [
+        (True, True),
+        (False, False),
+    ]
     one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "a", "completion": "b", "label": True}] * 3)
     with pytest.raises(KaikaError, match="all 3 records have label true"):
         load_unpaired([str(one)])
@@ -263,6 +280,11 @@ def test_generate_and_merge_take_the_preference_tuned_adapter(sft_run, pairs_fil
 
 def test_bad_starts_fail_before_any_model_loads(sft_run, pairs_file, tmp_path):
     from kaika.errors import KaikaError
+
+    kto = dpo_config(pairs_file, tmp_path / "k", loss="kto")
+    kto.train.micro_batch_size = 1
+    with pytest.raises(KaikaError, match="needs 2 or more"):
+        preference.dpo(kto)
 
     with pytest.raises(KaikaError, match="no reference model to precompute"):
         preference.dpo(dpo_config(pairs_file, tmp_path / "a", loss="orpo", precompute_ref=True))

@@ -48,6 +48,7 @@ def tiny_llama(tokenizer):
         (LoraArgs(init="pissa"), "none", True, "train", ["pissa", "FSDP"]),
         (LoraArgs(init="pissa"), "none", False, "dpo", ["pissa", "kaika dpo"]),
         (LoraArgs(variant="dora"), "8bit", False, "train", ["dora", "--quantization 8bit"]),
+        (LoraArgs(init="pissa", bias="all"), "none", False, "train", ["pissa", "--lora-bias all"]),
     ],
 )
 def test_what_cannot_work_is_refused_naming_both(lora, quantization, sharded, command, words):
@@ -209,3 +210,25 @@ def test_a_wrong_conversion_is_caught(tmp_path, monkeypatch):
     with pytest.raises(KaikaError, match="the conversion of the pissa adapter is wrong"):
         kaika.train(cfg)
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_a_resume_must_repeat_the_lora_settings(tmp_path):
+    """Another LoRA+ ratio (the optimizer's groups), variant or init than the checkpoints were trained
+    with is refused before they load, naming what changed."""
+    import kaika
+
+    data = write_jsonl(tmp_path / "d.jsonl", seed_records(8, max_chars=100))
+    cfg = train_config(tmp_path, data, "run", "default", max_steps=2, save_steps=1)
+    cfg.lora.loraplus_lr_ratio = 4.0
+    kaika.train(cfg)
+    for field, value, said in (
+        ("loraplus_lr_ratio", 8.0, "loraplus_lr_ratio: 4.0, now 8.0"),
+        ("variant", "dora", "variant: 'lora', now 'dora'"),
+        ("init", "pissa", "init: 'default', now 'pissa'"),
+    ):
+        again = train_config(tmp_path, data, "run", "default", max_steps=3, save_steps=1, resume=True)
+        again.lora.loraplus_lr_ratio = 4.0
+        setattr(again.lora, field, value)
+        with pytest.raises(KaikaError, match="other LoRA settings") as e:
+            kaika.train(again)
+        assert said in str(e.value)

@@ -120,7 +120,7 @@ def normalise_pair(
         return None
     before = len(problems)
     chosen_raw, rejected_raw = rec[key["chosen"]], rec[key["rejected"]]
-    prompt_raw = rec.get(key["prompt"], rec.get(key["messages"]))
+    prompt_raw = prompt_value(rec, key)
     out: dict[str, Any] = {"where": f"{source}, {where}"}
     if prompt_raw is None and rec.get(key["instruction"]) is None:
         if not (isinstance(chosen_raw, list) and isinstance(rejected_raw, list) and len(chosen_raw) > 1):
@@ -152,14 +152,20 @@ def normalise_pair(
     return out
 
 
+def prompt_value(rec: dict, key: dict[str, str]) -> Any:
+    """``prompt``, else ``messages`` (a dataset with both columns has None in the one a record lacks)."""
+    value = rec.get(key["prompt"])
+    return value if value is not None else rec.get(key["messages"])
+
+
 def record_prompt(
     rec: dict, key: dict[str, str], label: dict[str, str], source: str, where: str, problems: list[Problem]
 ) -> dict[str, Any]:
     """The prompt of a record that has one (``prompt``, ``messages``, or ``instruction`` and ``input``,
     by their ``--columns`` names ``key``): ``{messages}`` or ``{instruction, input}``, its problems added."""
-    prompt_raw = rec.get(key["prompt"], rec.get(key["messages"]))
+    prompt_raw = prompt_value(rec, key)
     if isinstance(prompt_raw, list):
-        fld = key["prompt"] if key["prompt"] in rec else key["messages"]
+        fld = key["prompt"] if rec.get(key["prompt"]) is not None else key["messages"]
         return {"messages": _turns(prompt_raw, source, where, fld, problems)}
     if prompt_raw is not None:
         if not isinstance(prompt_raw, str) or not prompt_raw.strip():

@@ -207,8 +207,7 @@ def card_body(cfg: TrainConfig, template: Template, source: Path, check: Check) 
         "## Training data\n\n" + data_section(cfg, source),
         (
             "## Training configuration\n\n"
-            f"{lora_words(lora)} r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets "
-            f"{', '.join(lora.target)}; "
+            f"{lora_words(lora)}, targets {', '.join(lora.target)}; "
             f"{train.epochs:g} epochs (max_steps {train.max_steps}), lr {train.lr:g}, global batch "
             f"{train.batch_size}, micro batch {train.micro_batch_size}, cutoff_len {cfg.data.cutoff_len}, seed "
             f"{train.seed}; train_on_inputs={cfg.data.train_on_inputs}. The full resolved config is in "
@@ -346,10 +345,11 @@ def fmt(value) -> str:
 
 
 def lora_words(lora) -> str:
-    """ "LoRA", or the variant and init ("DoRA", "LoRA (PiSSA init, saved as a plain LoRA of rank 2r)")."""
+    """ "LoRA r=8, alpha=16, dropout=0.05", with the variant and init first ("DoRA r=8 …", "LoRA, PiSSA
+    init r=8 … (saved converted to a plain LoRA of rank 16 on the unmodified base)")."""
     from kaika.modeling.lora import describe, mutates_base
 
-    words = describe(lora)
+    words = f"{describe(lora)} r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}"
     if mutates_base(lora):
         words += f" (saved converted to a plain LoRA of rank {2 * lora.r} on the unmodified base)"
     return words

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kaika.atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from kaika.atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PREFIX
 from kaika.errors import KaikaError
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,16 @@ def record_initial(out: Path, peft_model, resume: bool) -> None:
     from safetensors.torch import load_file, save_file
 
     initial = initial_of(peft_model)
+    where = out / INIT_DIR
+    if resume and (initial is None) == (where / ADAPTER_CONFIG).is_file():
+        recorded = recorded_init(where)
+        raise KaikaError(
+            f"--resume: the run in {out} was started with --lora-init {recorded or 'default'}, and this command "
+            f"asks for --lora-init {init_name(peft_model) if initial is not None else 'default'}; its checkpoints "
+            "only fit the initialisation they started from. Give the same --lora-init"
+        )
     if initial is None:
         return
-    where = out / INIT_DIR
     if resume:
         saved = load_file(where / ADAPTER_WEIGHTS) if (where / ADAPTER_WEIGHTS).is_file() else None
         if (
@@ -67,6 +74,14 @@ def record_initial(out: Path, peft_model, resume: bool) -> None:
     peft_model.peft_config["default"].save_pretrained(where)
 
 
+def recorded_init(where: Path) -> str | None:
+    """The --lora-init a run recorded in its ``lora_init/`` (None: the run has none)."""
+    try:
+        return json.loads((where / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("init_lora_weights")
+    except (OSError, ValueError):
+        return None
+
+
 def init_name(peft_model) -> str:
     return str(peft_model.peft_config["default"].init_lora_weights)
 
@@ -75,7 +90,9 @@ def save_converted(peft_model, stage: Path, init_dir: Path, **kwargs) -> None:
     """``peft_model.save_pretrained(stage, **kwargs)`` as a plain LoRA on the unmodified base.
 
     peft rewrites the initial adapter's config during the conversion, so it works on a copy."""
-    with tempfile.TemporaryDirectory(dir=stage.parent) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=STAGE_PREFIX, dir=stage.parent
+    ) as tmp:  # a kill leaves it to the next save's cleanup
         copy = Path(tmp) / "initial"
         shutil.copytree(init_dir, copy)
         with warnings.catch_warnings():

@@ -116,6 +116,12 @@ def check_lora_choices(args: LoraArgs, quantization: str, sharded: bool, command
         )
     if not mutates_base(args):
         return
+    if args.bias != "none":
+        raise KaikaError(
+            f"{init} with --lora-bias {args.bias}: the save converts the adapter to a plain LoRA on the "
+            "unmodified base, and that conversion keeps only the LoRA matrices (the trained biases would be "
+            "lost). Use --lora-bias none with it, or --lora-init default"
+        )
     if args.variant == "dora":
         raise KaikaError(
             f"{init} with --lora-variant dora: the saved adapter is converted to a plain LoRA on the unmodified "
@@ -144,6 +150,18 @@ def check_lora_choices(args: LoraArgs, quantization: str, sharded: bool, command
             f"{args.init} has moved part of the base into the adapter, so the reference would not be the base. "
             "Use --lora-init default (or start from an SFT run with --from, which is saved as a plain LoRA)"
         )
+
+
+def warn_unused_lora(args: LoraArgs, why: str, ratio_too: bool) -> None:
+    """--lora-variant / --lora-init (and --loraplus-lr-ratio, when nothing is LoRA) given where no
+    fresh LoRA is built: said, not silently dropped."""
+    unused = [f"--lora-variant {args.variant}"] if args.variant != "lora" else []
+    unused += [f"--lora-init {args.init}"] if args.init != "default" else []
+    unused += (
+        [f"--loraplus-lr-ratio {args.loraplus_lr_ratio:g}"] if ratio_too and args.loraplus_lr_ratio else []
+    )
+    if unused:
+        log.warning("%s: ignored with %s (no new LoRA is made)", ", ".join(unused), why)
 
 
 def peft_config(args: LoraArgs, model_type: str, module_names: set[str] | None = None):
@@ -189,7 +207,7 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
     trained tensor is then stored in float32 (peft does so for LoRA's own weights; the base biases that
     ``--lora-bias all|lora_only`` trains are cast here: the GradScaler refuses fp16 gradients, and bf16
     weights would round small updates away)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if is_quantized(model):
         one_cpu_packing(model)
@@ -216,16 +234,7 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
         model,
         config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules),
     )
-    try:
-        with warnings.catch_warnings():
-            # PiSSA/OLoRA: peft advises converting the adapter to a plain LoRA, which the save does
-            warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
-            peft_model = get_peft_model(model, config)
-    except ValueError as e:
-        raise KaikaError(
-            f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
-            f"{', '.join(sorted(names)) or 'none found'}"
-        ) from None
+    peft_model = wrap(model, config, names)
     if mutates_base(args):  # kept to convert the saved adapter to one on the unmodified base
         setattr(peft_model, INITIAL_ATTR, initial_adapter(peft_model))
     if mixed_precision:
@@ -244,6 +253,22 @@ def apply_lora(model, args: LoraArgs, gradient_checkpointing: bool = False, mixe
         100 * trainable / total,
     )
     return peft_model
+
+
+def wrap(model, config, names: set[str]):
+    """``get_peft_model(model, config)``; a target peft cannot adapt is named with the model's modules."""
+    from peft import get_peft_model
+
+    try:
+        with warnings.catch_warnings():
+            # PiSSA/OLoRA: peft advises converting the adapter to a plain LoRA, which the save does
+            warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
+            return get_peft_model(model, config)
+    except ValueError as e:
+        raise KaikaError(
+            f"LoRA targets {config.target_modules}: {e}. Linear modules of this model: "
+            f"{', '.join(sorted(names)) or 'none found'}"
+        ) from None
 
 
 def describe(args: LoraArgs) -> str:

@@ -13,6 +13,10 @@ An adapter (``kaika train``, ``kaika pretrain``) or a whole model (``kaika pretr
 Never the model in its training state against a reloaded one under a hand-set tolerance: a model
 trained under mixed precision (the Trainer wraps its forward in autocast) computes its LoRA path in
 another precision than any reloaded copy, and a bf16 run would be refused for that alone.
+
+One exception, by design: a PiSSA/OLoRA adapter is saved *converted* (another rank, another base), so
+no tensor of it is in memory. :func:`verify_converted_adapter` checks what it computes instead, layer by
+layer on the weights, within a bound derived from the base dtype's rounding (``kaika.modeling.initial``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ itself, the adapter switched off.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import warnings
@@ -105,7 +106,9 @@ def _dpo(cfg: DpoConfig, run: RunDir | None, out: Path) -> PreferenceResult:
     if hint:
         log.warning("kto: %s", hint)
     model = build_model(cfg, run, source)
-    prepare_output_dir(cfg.train, model, tokenizer)
+    # --from: the run's adapter trains on (its shape is the run's); only LoRA+ is this command's
+    lora = {"loraplus_lr_ratio": cfg.lora.loraplus_lr_ratio} if run is not None else asdict(cfg.lora)
+    prepare_output_dir(cfg.train, model, tokenizer, lora)
     trainer = build_trainer(cfg, run, model, tokenizer, train_rows, val_rows)
     fitted = run_fit(trainer, cfg.train, bool(val_rows))
     result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_rows, out)
@@ -134,6 +137,11 @@ def check_config(cfg: DpoConfig) -> tuple[Path, RunDir | None]:
             f"kaika dpo under {launch.describe()}: kaika runs TRL's preference trainers in one process or "
             "with DDP only, so far; launch with torchrun or configs/accelerate/ddp.yaml"
         )
+    if cfg.dpo.loss == "kto" and cfg.train.micro_batch_size < 2:
+        raise KaikaError(
+            "--loss kto with --micro-batch-size 1: KTO estimates its KL term from the other answers of each "
+            "micro batch, so it needs 2 or more (the KL estimate would equal the reward). Raise --micro-batch-size"
+        )
     if cfg.dpo.precompute_ref and cfg.dpo.loss in REFERENCE_FREE:
         raise KaikaError(f"--precompute-ref: the {cfg.dpo.loss} loss has no reference model to precompute")
     run = None
@@ -160,12 +168,18 @@ def start_model_args(given: ModelArgs, run: RunDir) -> ModelArgs:
 
 def load_data(cfg: DpoConfig) -> tuple[list[dict], list[dict]]:
     """Pairs, or for kto single answers with their labels (pairs split in two)."""
-    load = load_unpaired if cfg.dpo.loss == "kto" else load_pairs
-    records = load(cfg.data.data, cfg.data.columns)
+    if cfg.dpo.loss != "kto":
+        pairs = load_pairs(cfg.data.data, cfg.data.columns)
+        if cfg.data.val_data:
+            return pairs, load_pairs(cfg.data.val_data, cfg.data.columns)
+        return split_records(pairs, cfg.data.val_set_size, cfg.train.seed, "validation pairs")
+    records = load_unpaired(cfg.data.data, cfg.data.columns)
     if cfg.data.val_data:
-        return records, load(cfg.data.val_data, cfg.data.columns)
-    what = "validation records" if cfg.dpo.loss == "kto" else "validation pairs"
-    return split_records(records, cfg.data.val_set_size, cfg.train.seed, what)
+        return records, load_unpaired(cfg.data.val_data, cfg.data.columns)
+    # Split by source record: the two halves of a pair (same prompt) stay on one side.
+    groups = [list(g) for _, g in itertools.groupby(records, key=lambda r: r["where"])]
+    train, val = split_records(groups, cfg.data.val_set_size, cfg.train.seed, "validation records")
+    return [r for g in train for r in g], [r for g in val for r in g]
 
 
 def encode(cfg: DpoConfig, records: list[dict], template, tokenizer):

@@ -99,7 +99,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, compute: torch.dtype) -> PretrainR
     model = build_model(cfg, tokenizer, mixed_precision(compute))
     if cfg.pretrain.packing == "document":
         enable_packed_attention(model)
-    prepare_output_dir(cfg.train, model, tokenizer)
+    prepare_output_dir(cfg.train, model, tokenizer, None if is_full(cfg) else asdict(cfg.lora))
     # Held-out text is scored once, at the end, token-weighted (the Trainer's eval averages batches).
     collator = PackedCollator(cfg.pretrain.packing)
     ratio = 0.0 if is_full(cfg) else cfg.lora.loraplus_lr_ratio

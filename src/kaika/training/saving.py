@@ -156,6 +156,7 @@ def save_adapter(
     initial = initial_of(peft_model)
     with staged_output(out) as stage:
         if initial is not None:  # --lora-init pissa/olora: a plain LoRA on the unmodified base
+            assert state is None, "pissa/olora are refused under sharded launches"
             save_converted(peft_model, stage, out / INIT_DIR, selected_adapters=selected_adapters)
         else:
             peft_model.save_pretrained(stage, state_dict=state, selected_adapters=selected_adapters)

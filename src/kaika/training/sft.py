@@ -84,7 +84,7 @@ def _train(cfg: TrainConfig, out: Path) -> TrainResult:
         if cfg.data.packing
         else (train_set, PadCollator(tokenizer.pad_token_id))
     )
-    prepare_output_dir(cfg.train, model, tokenizer)
+    prepare_output_dir(cfg.train, model, tokenizer, asdict(cfg.lora))
     fitted = fit(args, cfg.train, model, tokenizer, rows, val_set, collator, cfg.lora.loraplus_lr_ratio)
     result = save_and_verify(cfg, fitted, tokenizer, template, report, source, train_set, out)
     log.info(

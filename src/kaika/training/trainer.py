@@ -30,7 +30,7 @@ from kaika.config import TrainArgs, check
 from kaika.errors import KaikaError
 from kaika.guard import DirLock, check_inputs_outside, check_replaceable, claim, empty_owned, is_kaika_hidden
 from kaika.modeling.initial import record_initial
-from kaika.modeling.lora import check_lora_choices
+from kaika.modeling.lora import check_lora_choices, warn_unused_lora
 from kaika.modeling.qkv import mask_sharded_slice_grads
 from kaika.rundir import CHECKPOINTS, LOG_FILE
 from kaika.training.faults import check_disk_space, check_writable, guarded_training
@@ -100,7 +100,10 @@ def check_recipe(
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))
     launch = detect_launch()
     check_launch(launch, cfg.model.quantization, cfg.train.gradient_checkpointing, full=full, command=command)
-    if not full:
+    from_run = getattr(getattr(cfg, "dpo", None), "from_run", None)
+    if full or from_run:  # no fresh LoRA is built: its shape options do not apply
+        warn_unused_lora(cfg.lora, "--full" if full else "--from", ratio_too=full)
+    else:
         check_lora_choices(cfg.lora, cfg.model.quantization, launch.sharded, command)
     log_launch(launch)
     if cfg.train.overwrite:
@@ -143,9 +146,10 @@ def run_lock(out: Path):
     return DirLock(out) if is_main_process() else contextlib.nullcontext()
 
 
-def prepare_output_dir(args: TrainArgs, model, tokenizer) -> None:
+def prepare_output_dir(args: TrainArgs, model, tokenizer, lora: dict[str, Any] | None = None) -> None:
     """--overwrite: the old run goes (rank 0 only), now that data, config and model have all loaded;
-    first, the disk must hold what the run will write (refused before anything is written)."""
+    first, the disk must hold what the run will write (refused before anything is written).
+    ``lora``: the LoRA settings a resume must repeat (:func:`record_lora`)."""
     out = Path(args.output_dir)
     if not is_main_process():
         return
@@ -153,7 +157,35 @@ def prepare_output_dir(args: TrainArgs, model, tokenizer) -> None:
     if args.overwrite and not args.resume and out.exists():
         empty_owned(out)
     claim(out, "run")
+    record_lora(out, lora, args.resume)
     record_initial(out, peft_model_of(model), args.resume)  # --lora-init pissa/olora only
+
+
+LORA_RECORD = "lora.json"  # in checkpoints/: the LoRA settings the checkpoints were trained with
+
+
+def record_lora(out: Path, lora: dict[str, Any] | None, resume: bool) -> None:
+    """A fresh run writes its LoRA settings beside its checkpoints; a resumed one must give the same:
+    another variant, rank or LoRA+ ratio would load the checkpoint's adapter or optimizer state into
+    a model or parameter groups it does not fit (an error deep in torch, or, for a changed LoRA+
+    ratio, the old learning rates silently restored)."""
+    if lora is None:
+        return
+    path = out / CHECKPOINTS / LORA_RECORD
+    if not resume:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(lora, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return
+    if not path.is_file():  # a run from before this record, or checkpoints copied from elsewhere
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    differ = sorted(k for k in set(saved) | set(lora) if saved.get(k) != lora.get(k))
+    if differ:
+        changes = "; ".join(f"{k}: {saved.get(k)!r}, now {lora.get(k)!r}" for k in differ)
+        raise KaikaError(
+            f"--resume: the run in {out} was trained with other LoRA settings ({changes}); its checkpoints "
+            "(adapter and optimizer state) only fit those. Give the same LoRA options to resume it"
+        )
 
 
 def gradient_accumulation(args: TrainArgs, world_size: int) -> int:
