@@ -90,9 +90,51 @@ def write(rows: list[dict], base_acc: float | None) -> None:
             f"| {r['variant']} | {r['r']} | {r['lr']:g} | {r['seed']} | {r['eval_loss']:.4f} | "
             f"{r['stop_rate']:.1f} | {r['jcqa_acc']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} |"
         )
+    lines += ["", *paired_table(rows)]
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     plot(rows, base_acc)
+
+
+def correct(run: str) -> list[bool]:
+    path = RUNS / "runs" / run / "eval" / "jcqa100" / "scores_adapter.jsonl"
+    return [json.loads(line)["correct"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    """Each variant against plain LoRA trained at the same rank, learning rate and seed: the held-out
+    loss difference, and the JCommonsenseQA difference on the same 100 items with its paired bootstrap
+    95% interval (kaika.eval.choice.paired_difference)."""
+    from kaika.eval.choice import paired_difference
+
+    plain = {(r["r"], r["lr"], r["seed"]): r for r in rows if r["variant"] == "lora"}
+    out = [
+        "Against plain LoRA at the same r, lr and seed (Δ = variant − LoRA; JCQA: paired bootstrap 95%):",
+        "",
+        "| variant | r | lr | seed | Δ ELYZA loss | Δ JCQA acc (95% interval) | Δ stop rate |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["variant"], r["r"], r["lr"], r["seed"])):
+        ref = plain.get((r["r"], r["lr"], r["seed"]))
+        if r["variant"] == "lora" or ref is None:
+            continue
+        d = paired_difference(correct(ref["run"]), correct(r["run"]))
+        noise = " (within noise)" if d["within_noise"] else ""
+        out.append(
+            f"| {r['variant']} | {r['r']} | {r['lr']:g} | {r['seed']} | {r['eval_loss'] - ref['eval_loss']:+.4f} | "
+            f"{d['delta']:+.2f} ({d['ci'][0]:+.2f} to {d['ci'][1]:+.2f}){noise} | "
+            f"{r['stop_rate'] - ref['stop_rate']:+.1f} |"
+        )
+    seeds = sorted({r["seed"] for r in rows})
+    for variant in sorted({r["variant"] for r in rows}):
+        same = {r["seed"]: r for r in rows if r["variant"] == variant and (r["r"], r["lr"]) == (8, 1e-3)}
+        if len(same) == len(seeds) > 1:
+            a, b = (same[s] for s in seeds)
+            out.append(
+                f"\n{variant}, r 8, lr 1e-3: seed {seeds[1]} − seed {seeds[0]}: ELYZA loss "
+                f"{b['eval_loss'] - a['eval_loss']:+.4f}, JCQA {b['jcqa_acc'] - a['jcqa_acc']:+.2f}"
+            )
+    return out
 
 
 def plot(rows: list[dict], base_acc: float | None) -> None:
