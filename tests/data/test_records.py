@@ -148,7 +148,8 @@ def test_builtin_data_by_name():
     elyza = load_records(["elyza-tasks-100"])
     assert len(elyza) == 100 and all(r["input"] == "" and r["output"] for r in elyza)
     with pytest.raises(
-        KaikaError, match="a builtin: seed-tasks-ja, seed-chats-ja, seed-prefs-ja, seed-kto-ja, elyza-tasks-100"
+        KaikaError,
+        match="a builtin: seed-tasks-ja, seed-chats-ja, seed-prefs-ja, seed-kto-ja, elyza-tasks-100",
     ):
         load_records(["seed-tasks-jp"])
 

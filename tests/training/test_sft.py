@@ -164,6 +164,7 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert sorted(p.name for p in (first.output_dir / "checkpoints").iterdir()) == [
         "checkpoint-2",
         "checkpoint-4",
+        "lora.json",  # the LoRA settings a resume must repeat
     ]
     cfg.train.max_steps, cfg.train.resume = 6, True
     resumed = train(cfg)
