@@ -144,6 +144,27 @@ def held_out_margin(model, tokenizer, template, prompts: list[dict]) -> torch.Te
     return answer_logps(model, rows, "chosen") - answer_logps(model, rows, "rejected")
 
 
+def assert_unseen_margin_rises(cfg: DpoConfig, out: Path, sft_run: Path) -> None:
+    """On 20 prompts never trained on, the Japanese answer's log-probability minus the English one's
+    rises over the SFT adapter's for more than 90% of them."""
+    from peft import PeftModel
+
+    from kaika.rundir import RunDir
+
+    run = RunDir.open(out)
+    tokenizer = load_tokenizer(cfg.model, resolve_source(cfg.model))
+    unseen = [{"instruction": r["instruction"], "input": "", "chosen": CHOSEN, "rejected": REJECTED,
+               "where": "unseen"} for r in seed_records(60, 120)[40:]]  # fmt: skip
+    base = lambda: load_model(run.model_args, run.source)  # noqa: E731
+    before = held_out_margin(
+        PeftModel.from_pretrained(base(), sft_run).eval(), tokenizer, run.template, unseen
+    )
+    after = held_out_margin(
+        PeftModel.from_pretrained(base(), run.path).eval(), tokenizer, run.template, unseen
+    )
+    assert (after > before).float().mean() > 0.9, (before, after)
+
+
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "orpo", "simpo"])
 def test_each_loss_learns_a_synthetic_preference_and_saves_a_verified_adapter(loss, sft_run, tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40))
@@ -164,22 +185,7 @@ def test_each_loss_learns_a_synthetic_preference_and_saves_a_verified_adapter(lo
 
     # Generation moves the measured way: on prompts it never saw, the Japanese answer now more
     # likely than the English one, by more than the SFT adapter had it.
-    from peft import PeftModel
-
-    tokenizer = load_tokenizer(cfg.model, resolve_source(cfg.model))
-    from kaika.rundir import RunDir
-
-    run = RunDir.open(result.output_dir)
-    unseen = [{"instruction": r["instruction"], "input": "", "chosen": CHOSEN, "rejected": REJECTED,
-               "where": "unseen"} for r in seed_records(60, 120)[40:]]  # fmt: skip
-    base = lambda: load_model(run.model_args, run.source)  # noqa: E731
-    before = held_out_margin(
-        PeftModel.from_pretrained(base(), sft_run).eval(), tokenizer, run.template, unseen
-    )
-    after = held_out_margin(
-        PeftModel.from_pretrained(base(), run.path).eval(), tokenizer, run.template, unseen
-    )
-    assert (after > before).float().mean() > 0.9, (before, after)
+    assert_unseen_margin_rises(cfg, result.output_dir, sft_run)
 
 
 def test_kto_learns_from_single_labelled_answers(sft_run, tmp_path):
@@ -202,23 +208,7 @@ def test_kto_learns_from_single_labelled_answers(sft_run, tmp_path):
     assert result.data_report.desirable == result.data_report.undesirable == 20
     late = [r for r in steps[-4:] if "reward_chosen" in r and "reward_rejected" in r]
     assert late and all(r["reward_chosen"] > r["reward_rejected"] for r in late), late
-
-    from peft import PeftModel
-
-    from kaika.rundir import RunDir
-
-    run = RunDir.open(result.output_dir)
-    tokenizer = load_tokenizer(cfg.model, resolve_source(cfg.model))
-    unseen = [{"instruction": r["instruction"], "input": "", "chosen": CHOSEN, "rejected": REJECTED,
-               "where": "unseen"} for r in seed_records(60, 120)[40:]]  # fmt: skip
-    base = lambda: load_model(run.model_args, run.source)  # noqa: E731
-    before = held_out_margin(
-        PeftModel.from_pretrained(base(), sft_run).eval(), tokenizer, run.template, unseen
-    )
-    after = held_out_margin(
-        PeftModel.from_pretrained(base(), run.path).eval(), tokenizer, run.template, unseen
-    )
-    assert (after > before).float().mean() > 0.9, (before, after)
+    assert_unseen_margin_rises(cfg, result.output_dir, sft_run)
 
 
 def test_kto_validation_keeps_both_halves_of_a_pair_on_one_side(pairs_file, tmp_path):

@@ -242,9 +242,7 @@ class PreferenceReport:
     cutoff_len: int = 0
 
     def summary(self) -> str:
-        def pct(d: dict) -> str:
-            return f"{d.get('p50')}/{d.get('p90')}/{d.get('max')}"
-
+        pct = percentile_text
         return (
             f"{self.kept}/{self.pairs} pairs kept ({self.dropped_prompt_too_long} dropped: prompt longer than "
             f"cutoff_len {self.cutoff_len}; {self.dropped_huge} left out untokenized: over cutoff_len × "
@@ -253,6 +251,11 @@ class PreferenceReport:
             f"{pct(self.rejected_tokens)}; cut to cutoff_len {self.cutoff_len}: {self.chosen_truncated} chosen, "
             f"{self.rejected_truncated} rejected (end of turn kept)"
         )
+
+
+def percentile_text(d: dict[str, int]) -> str:
+    """``{p50, p90, max}`` as "p50/p90/max", the reports' token columns."""
+    return f"{d.get('p50')}/{d.get('p90')}/{d.get('max')}"
 
 
 def percentiles(values: list[int]) -> dict[str, int]:

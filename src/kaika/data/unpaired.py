@@ -25,6 +25,7 @@ from kaika.data.preference import (
     answer_text,
     normalise_pair,
     pair_prompt,
+    percentile_text,
     percentiles,
     record_prompt,
 )
@@ -137,9 +138,7 @@ class UnpairedReport:
     cutoff_len: int = 0
 
     def summary(self) -> str:
-        def pct(d: dict) -> str:
-            return f"{d.get('p50')}/{d.get('p90')}/{d.get('max')}"
-
+        pct = percentile_text
         return (
             f"{self.kept}/{self.records} answers kept, {self.desirable} desirable and {self.undesirable} "
             f"undesirable ({self.dropped_prompt_too_long} dropped: prompt longer than cutoff_len {self.cutoff_len}; "
